@@ -1,0 +1,19 @@
+"""One exception type for problems the user can fix (bad flags, files, configs).
+
+The CLI turns it into a single message on stderr and exit code 2, never a traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class PreemptedExit(SystemExit):
+    """Raised after a signal-triggered checkpoint; Slurm scripts requeue on this exit code."""
+
+    CODE = 124
+
+    def __init__(self):
+        super().__init__(self.CODE)

@@ -1,0 +1,66 @@
+"""Build or load BERT models and tokenizers: hub ids, local dirs, and the `tiny` preset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+# 2 layers, hidden 128: fast enough for 2-rank CPU tests, same code path as BERT-large.
+TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                   max_position_embeddings=512, type_vocab_size=2)
+
+
+def is_tiny(name: str) -> bool:
+    return name == "tiny"
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer, BertTokenizer
+
+    if is_tiny(name):
+        return BertTokenizer.from_pretrained(str(TINY_DIR), do_lower_case=True, model_max_length=512)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(_missing(name, e)) from None
+
+
+def load_config(name: str, **overrides):
+    from transformers import AutoConfig, BertConfig
+
+    if is_tiny(name):
+        return BertConfig(vocab_size=_tiny_vocab_size(), **TINY_CONFIG, **overrides)
+    try:
+        return AutoConfig.from_pretrained(name, **overrides)
+    except (OSError, ValueError) as e:
+        raise UserError(_missing(name, e)) from None
+
+
+def build_model(name: str, model_class, **overrides):
+    """Random init for `tiny`, pretrained weights otherwise (missing heads are created).
+
+    Under ZeRO-3 the caller keeps a transformers HfDeepSpeedConfig alive, which makes both
+    from_pretrained and _from_config partition weights as they are created.
+    """
+    config = load_config(name, **overrides)
+    config._attn_implementation = "sdpa"
+    if is_tiny(name):
+        return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    try:
+        return model_class.from_pretrained(name, config=config)
+    except (OSError, ValueError) as e:
+        raise UserError(_missing(name, e)) from None
+
+
+def _tiny_vocab_size() -> int:
+    with open(TINY_DIR / "vocab.txt", encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _missing(name: str, err: Exception) -> str:
+    if os.path.isdir(name):
+        return f"--model {name}: cannot load a model from this directory ({str(err).splitlines()[0]})"
+    return (f"--model {name}: not a local directory, and the hub has no such model or is unreachable "
+            f"({str(err).splitlines()[0]}). Pass a hub id, a local model directory, or 'tiny'.")
