@@ -113,7 +113,7 @@ def fill(path, cfg: dict, run, world_size: int, total_steps: int, default_precis
     _set_auto(opt, "lr", run.learning_rate)
     _set_auto(opt, "weight_decay", run.weight_decay)
     sched = cfg.get("scheduler", {}).get("params", {})
-    warmup = int(run.warmup_ratio * total_steps)
+    warmup = max(1, int(run.warmup_ratio * total_steps))  # DeepSpeed rejects 0
     _set_auto(sched, "warmup_max_lr", run.learning_rate)
     _set_auto(sched, "warmup_num_steps", warmup)
     _set_auto(sched, "total_num_steps", max(total_steps, warmup + 1))

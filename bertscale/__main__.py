@@ -1,0 +1,3 @@
+from bertscale.cli import main
+
+main()

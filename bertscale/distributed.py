@@ -1,0 +1,134 @@
+"""The one place that knows how ranks are launched: deepspeed launcher, torchrun, srun, or plain.
+
+Everything else asks `rank()`, `world_size()`, `is_main()` and never reads launcher env vars.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import subprocess
+import sys
+
+
+def _from_slurm() -> None:
+    """Translate srun's env into the torch.distributed one (unless a launcher already set it)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    if os.environ.get("SLURM_STEP_ID") is None and int(os.environ["SLURM_NTASKS"]) > 1:
+        return  # the batch shell itself, not a task started by srun
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # "node[01-04,07],gpu3" -> "node01": enough for the common bracket form.
+    m = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+    return (m.group(1) + (m.group(2) or "")) if m else "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(local_rank_flag: int | None = None) -> None:
+    """Initialise torch.distributed through DeepSpeed; a single plain process becomes world size 1."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    _from_slurm()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK=str(local_rank_flag or 0), WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank_flag or 0))
+    backend = get_accelerator().communication_backend_name()
+    if backend not in ("nccl", "gloo", "hccl", "xccl"):
+        backend = "gloo"  # the CPU accelerator says 'ccl' when oneCCL is absent; gloo always works
+    timeout = datetime.timedelta(seconds=int(os.environ.get("BERTSCALE_DIST_TIMEOUT", "600")))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    if get_accelerator().device_name() == "cuda":
+        get_accelerator().set_device(local_rank())
+    print(f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {socket.gethostname()} "
+          f"backend {backend}", file=sys.stderr, flush=True)
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """All ranks send a picklable object; rank 0 gets the list (others get None)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (for stop signals that reach only some ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

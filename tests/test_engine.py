@@ -1,0 +1,46 @@
+"""Real DeepSpeed engines on CPU, 2 gloo ranks: ZeRO-2/3 x bf16/fp16/fp32 take steps and learn."""
+import json
+
+import pytest
+
+from conftest import FP16_FIXTURE, cpu_env, launch
+
+pytestmark = pytest.mark.slow
+
+
+def steps_of(proc):
+    return [json.loads(line.split("STEP ", 1)[1]) for line in proc.stdout.splitlines() if "STEP " in line]
+
+
+@pytest.mark.parametrize("ds_config,precision,dtype", [
+    ("zero2", "bf16", "torch.bfloat16"),
+    ("zero3", "bf16", "torch.bfloat16"),
+    ("zero3", "fp32", "torch.float32"),
+])
+def test_engine_steps_and_loss_falls(ds_config, precision, dtype):
+    rows = steps_of(launch(["tests/workers/engine_steps.py", ds_config, precision, "12"]))
+    assert len(rows) == 12
+    assert rows[0]["zero"] == int(ds_config[-1]) and rows[0]["dtype"] == dtype
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
+
+
+def test_fp16_dynamic_loss_scale_backs_off(tmp_path):
+    """fp16 with an initial scale of 2^24: the first steps overflow, are skipped, and the scale halves
+    each time until steps go through and the loss falls (DeepSpeed's real loss scaler, CPU fixture)."""
+    cfg = json.loads((FP16_FIXTURE.parents[2] / "ds_configs" / "zero2.json").read_text())
+    cfg["fp16"].update(initial_scale_power=24, hysteresis=1)
+    path = tmp_path / "fp16.json"
+    path.write_text(json.dumps(cfg))
+    rows = steps_of(launch(["tests/workers/engine_steps.py", str(path), "fp16", "20"], env=cpu_env(fp16=True)))
+    assert rows[0]["dtype"] == "torch.float16"
+    scales = [r["scale"] for r in rows]
+    assert scales[0] <= 2.0 ** 23, scales  # the first step overflowed and halved the scale
+    assert all(b <= a for a, b in zip(scales, scales[1:])), scales  # only backs off (window 1000)
+    assert rows[-1]["skipped"] >= 1 and rows[-1]["skipped"] < 16
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+
+
+def test_fp16_refused_on_cpu_without_fixture():
+    proc = launch(["tests/workers/engine_steps.py", "zero2", "fp16", "1"], check=False)
+    assert proc.returncode != 0
+    assert "cannot train in fp16; use --bf16 or --fp32 instead" in proc.stdout + proc.stderr

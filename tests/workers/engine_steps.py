@@ -1,0 +1,44 @@
+"""Rank worker for test_engine.py: build a real engine with bertscale.engine.build and step it.
+
+Trains BertForQuestionAnswering (tiny preset) on one fixed random batch, so the loss must fall,
+and prints one JSON line per step from rank 0: loss, loss scale, skipped steps.
+"""
+import json
+import sys
+
+import torch
+from transformers import AutoModelForQuestionAnswering
+
+from bertscale import distributed as dist, engine as engines
+from bertscale.config import RunConfig
+from bertscale.tasks.base import Task
+
+
+class FixedBatchQA(Task):
+    def model_class(self):
+        return AutoModelForQuestionAnswering
+
+
+def main(ds_config: str, precision: str, steps: int):
+    dist.setup()
+    torch.manual_seed(0)
+    run = RunConfig(model="tiny", ds_config=ds_config, precision=precision, learning_rate=2e-3,
+                    micro_batch_size=4, warmup_ratio=0.0, gradient_checkpointing=True)
+    engine, cfg = engines.build(run, FixedBatchQA(run, None), dist.world_size(), total_steps=steps)
+    g = torch.Generator().manual_seed(dist.rank())
+    batch = {"input_ids": torch.randint(1000, 5000, (4, 32), generator=g),
+             "start_positions": torch.tensor([3, 5, 7, 9]), "end_positions": torch.tensor([4, 8, 7, 12])}
+    for _ in range(steps):
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        if dist.is_main():
+            scale = engine.optimizer.loss_scale if precision == "fp16" else None
+            print("STEP " + json.dumps({"loss": out.loss.item(), "scale": scale, "skipped": engine.skipped_steps,
+                                        "zero": engines.zero_stage(cfg),
+                                        "dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
+    main(args[0], args[1], int(args[2]))
