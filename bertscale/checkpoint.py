@@ -48,7 +48,9 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
     dist.barrier()
     if dist.is_main():
         hf = ckroot / tmp_tag / "hf"
-        engine.module.config.save_pretrained(hf)
+        config = engine.module.config
+        config.architectures = [type(engine.module).__name__]  # unset for randomly initialised models
+        config.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
         write_json_atomic(ckroot / tmp_tag / STATE_FILE, {**state, "world_size": dist.world_size()})
         _fsync_dir(ckroot / tmp_tag)

@@ -70,7 +70,8 @@ class CleanErrors(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"bertscale: error: {e}", err=True)
+            if e.echo:
+                click.echo(f"bertscale: error: {e}", err=True)
             sys.exit(e.exit_code)
 
 

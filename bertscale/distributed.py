@@ -98,6 +98,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn):
+    """Run fn on rank 0 first (it fills the datasets cache), then on the others (cache hits)."""
+    from .errors import UserError
+
+    if world_size() == 1:
+        return fn()
+    if is_main():
+        try:
+            result = fn()
+        except UserError as e:
+            broadcast_object(str(e))  # release the other ranks with the same error
+            raise
+        broadcast_object(None)
+        return result
+    err = broadcast_object(None)
+    if err is not None:
+        raise UserError(err, echo=False)  # rank 0 already printed it
+    return fn()
+
+
 def gather_objects(obj):
     """All ranks send a picklable object; rank 0 gets the list (others get None)."""
     import torch.distributed as dist

@@ -9,6 +9,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str, echo: bool = True):
+        super().__init__(message)
+        self.echo = echo  # False on ranks that only mirror another rank's error
+
 
 class PreemptedExit(SystemExit):
     """Raised after a signal-triggered checkpoint; Slurm scripts requeue on this exit code."""

@@ -49,7 +49,9 @@ def build_model(name: str, model_class, **overrides):
     if is_tiny(name):
         return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     try:
-        return model_class.from_pretrained(name, config=config)
+        # A classifier head with another label count is re-initialised, as users expect.
+        return model_class.from_pretrained(name, config=config,
+                                           ignore_mismatched_sizes="num_labels" in overrides)
     except (OSError, ValueError) as e:
         raise UserError(_missing(name, e)) from None
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from . import distributed as dist
@@ -89,7 +90,7 @@ class Tracker:
 
         out = Path(run.output_dir)
         id_file = out / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         self.wandb = wandb.init(
             project=run.wandb_project, entity=run.wandb_entity, name=run.run_name or out.name,

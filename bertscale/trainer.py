@@ -126,8 +126,7 @@ def train(run: RunConfig, task_name: str) -> dict:
 
     tokenizer = models.load_tokenizer(run.model)
     task = tasks.get(task_name)(run, tokenizer)
-    train_feats = task.train_features()
-    eval_set = task.eval_set()
+    train_feats, eval_set = dist.main_first(lambda: (task.train_features(), task.eval_set()))
     lengths = task.lengths(train_feats)
     batches_per_epoch = len(train_feats) // (run.micro_batch_size * world)
     steps_per_epoch = batches_per_epoch // run.grad_accum

@@ -9,10 +9,14 @@ NAMES = ("squad", "squad_v2", "classify", "glue:<name>", "pretrain")
 def get(name: str):
     if name in ("squad", "squad_v2"):
         from .squad import TASKS
-    elif name == "classify" or name.startswith("glue:"):
-        from .classify import TASKS
-    elif name == "pretrain":
+
+        return TASKS[name]
+    if name == "pretrain":
         from .pretraining import TASKS
-    else:
-        raise UserError(f"--task {name}: unknown task; choose one of {', '.join(NAMES)}")
-    return TASKS["classify" if name.startswith("glue:") else name]
+
+        return TASKS[name]
+    if name == "classify" or name.startswith("glue:"):
+        from .classify import task_for
+
+        return task_for(name)  # raises for an unknown GLUE name
+    raise UserError(f"--task {name}: unknown task; choose one of {', '.join(NAMES)}")

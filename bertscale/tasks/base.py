@@ -36,6 +36,11 @@ class Task:
         self.run = run
         self.tokenizer = tokenizer
 
+    @classmethod
+    def for_evaluation(cls, run: RunConfig, tokenizer, model_config):
+        """The task for scoring an already trained model (whose config may hold e.g. labels)."""
+        return cls(run, tokenizer)
+
     @property
     def max_seq_length(self) -> int:
         return self.run.max_seq_length or self.default_max_seq_length

@@ -91,6 +91,10 @@ class ClassifyTask(Task):
         self._labels = self._checked(labels_from_id2label(id2label), "the model's id2label") if id2label else None
         self._splits: dict[str, Optional[Split]] = {}
 
+    @classmethod
+    def for_evaluation(cls, run: RunConfig, tokenizer, model_config):
+        return cls(run, tokenizer, id2label=model_config.id2label)
+
     # --- labels and model --------------------------------------------------------------------
     @property
     def labels(self) -> list[str]:
