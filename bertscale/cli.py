@@ -142,7 +142,7 @@ def export(checkpoint, output):
 @main.command()
 @click.option("--model", default="bert-large-cased-whole-word-masking", help="Hub id, local dir, or tiny.")
 @click.option("--gpus", default=1, type=int, help="GPUs per node.")
-@click.option("--nodes", default=1, type=int, help="Nodes.")
+@click.option("--nodes", default=1, type=int, help="Number of nodes (GPUs in all = nodes x gpus).")
 @click.option("--gpu-memory", default="16GB", help="Memory per GPU, e.g. 16GB, 80GiB.")
 @click.option("--seq-len", default=384, type=int, help="Sequence length.")
 @click.option("--micro-batch", default=None, type=int, help="Micro batch to check (default: largest that fits).")

@@ -122,6 +122,7 @@ def train(run: RunConfig, task_name: str) -> dict:
     dist.setup()
     world, rank = dist.world_size(), dist.rank()
     check_output_dir(run, task_name)
+    engines.resolve_config(run, world, total_steps=1)  # fail on a bad config before any slow work
     seed_everything(run.seed)
 
     tokenizer = models.load_tokenizer(run.model)
