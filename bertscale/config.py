@@ -29,7 +29,8 @@ class RunConfig:
     task: str = opt("squad", "Task: squad, squad_v2, classify, glue:sst2, glue:rte, glue:mrpc, ... "
                     "(pretrain always uses the MLM/NSP task).", commands=EVAL)
     model: str = opt("bert-large-cased-whole-word-masking",
-                     "Hub id, local directory, or 'tiny' (2-layer random BERT for tests).", commands=ALL_RUN)
+                     "Hub id, local directory, 'tiny' (2-layer random BERT for tests), or "
+                     "random:<dir or hub id> (that architecture, fresh weights).", commands=ALL_RUN)
     output_dir: str = opt("runs/latest", "Where checkpoints, metrics.jsonl, predictions and final/ go.",
                           commands=ALL_RUN)
     overwrite_output_dir: bool = opt(False, "Start over in an output dir that holds another run's checkpoints.")

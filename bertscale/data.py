@@ -5,7 +5,11 @@ order and skips the batches it already did; no sampler state needs saving.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+
+from . import distributed as dist
 
 GROUP_CHUNK = 64  # global batches per sort chunk: long enough to group lengths, short enough to stay random
 
@@ -47,3 +51,29 @@ def eval_batches(lengths, batch_size: int, world: int, rank: int) -> list[list[i
     mine = batches[rank::world]
     per_rank = -(-len(batches) // world)
     return mine + [[] for _ in range(per_rank - len(mine))]
+
+
+def is_streaming(dataset) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def stream_batches(dataset, micro: int, world: int, rank: int, seed: int, epoch: int, start: int = 0):
+    """(index, rows) micro batches of this rank's shard of a streamed dataset.
+
+    A stream's shards can differ in length, so the ranks agree to stop as soon as any of them
+    runs dry (a rank that stopped alone would leave the others waiting in a collective).
+    Resuming skips `start` batches by reading past them: a stream cannot seek.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    shuffled = dataset.shuffle(seed=seed, buffer_size=10_000)
+    shuffled.set_epoch(epoch)
+    rows = iter(split_dataset_by_node(shuffled, rank=rank, world_size=world))
+    for i in itertools.count():
+        batch = list(itertools.islice(rows, micro))
+        if dist.any_rank(len(batch) < micro):
+            return
+        if i >= start:
+            yield i, batch

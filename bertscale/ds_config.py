@@ -73,6 +73,8 @@ def _unknown(path, where, key, known):
 
 def validate_keys(path, cfg: dict) -> None:
     for key, value in cfg.items():
+        if key.startswith("_"):  # "_comment" and friends: notes for humans, ignored by DeepSpeed
+            continue
         if key not in KNOWN_KEYS:
             raise _unknown(path, "", key, KNOWN_KEYS)
         if key in SECTION_KEYS and isinstance(value, dict):

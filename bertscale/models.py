@@ -12,8 +12,15 @@ TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, 
                    max_position_embeddings=512, type_vocab_size=2)
 
 
+RANDOM_PREFIX = "random:"  # random:DIR_OR_HUB_ID = that architecture and tokenizer, fresh weights
+
+
 def is_tiny(name: str) -> bool:
     return name == "tiny"
+
+
+def _source(name: str) -> str:
+    return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else name
 
 
 def load_tokenizer(name: str):
@@ -22,7 +29,7 @@ def load_tokenizer(name: str):
     if is_tiny(name):
         return BertTokenizer.from_pretrained(str(TINY_DIR), do_lower_case=True, model_max_length=512)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(_source(name))
     except (OSError, ValueError) as e:
         raise UserError(_missing(name, e)) from None
 
@@ -33,20 +40,20 @@ def load_config(name: str, **overrides):
     if is_tiny(name):
         return BertConfig(vocab_size=_tiny_vocab_size(), **TINY_CONFIG, **overrides)
     try:
-        return AutoConfig.from_pretrained(name, **overrides)
+        return AutoConfig.from_pretrained(_source(name), **overrides)
     except (OSError, ValueError) as e:
         raise UserError(_missing(name, e)) from None
 
 
 def build_model(name: str, model_class, **overrides):
-    """Random init for `tiny`, pretrained weights otherwise (missing heads are created).
+    """Random init for `tiny` and `random:...`, pretrained weights otherwise (missing heads are created).
 
     Under ZeRO-3 the caller keeps a transformers HfDeepSpeedConfig alive, which makes both
     from_pretrained and _from_config partition weights as they are created.
     """
     config = load_config(name, **overrides)
     config._attn_implementation = "sdpa"
-    if is_tiny(name):
+    if is_tiny(name) or name.startswith(RANDOM_PREFIX):
         return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     try:
         # A classifier head with another label count is re-initialised, as users expect.
@@ -65,4 +72,5 @@ def _missing(name: str, err: Exception) -> str:
     if os.path.isdir(name):
         return f"--model {name}: cannot load a model from this directory ({str(err).splitlines()[0]})"
     return (f"--model {name}: not a local directory, and the hub has no such model or is unreachable "
-            f"({str(err).splitlines()[0]}). Pass a hub id, a local model directory, or 'tiny'.")
+            f"({str(err).splitlines()[0]}). Pass a hub id, a local model directory, 'tiny', or "
+            "random:<dir or hub id> for fresh weights.")

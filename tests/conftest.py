@@ -16,6 +16,8 @@ DATA = SHARED / "data"
 SQUAD = DATA / "squad"
 FP16_FIXTURE = ROOT / "tests" / "fixtures" / "cpu_fp16"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+# Where deepspeed was pip-installed without its scripts (e.g. --target), use the module.
+LAUNCHER = [str(DEEPSPEED)] if DEEPSPEED.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def free_port() -> int:
@@ -38,7 +40,7 @@ def cpu_env(fp16: bool = False, **extra) -> dict:
 def launch(script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N <script_args>` (real launcher, real gloo ranks)."""
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
+    cmd = [*LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{_tail(proc)}")
