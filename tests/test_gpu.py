@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 
 def gpu_env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 

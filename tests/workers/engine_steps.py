@@ -28,6 +28,7 @@ def main(ds_config: str, precision: str, steps: int):
     g = torch.Generator().manual_seed(dist.rank())
     batch = {"input_ids": torch.randint(1000, 5000, (4, 32), generator=g),
              "start_positions": torch.tensor([3, 5, 7, 9]), "end_positions": torch.tensor([4, 8, 7, 12])}
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
     for _ in range(steps):
         out = engine(**batch)
         engine.backward(out.loss)
