@@ -120,12 +120,14 @@ def evaluate(**kw):
 @click.option("--text", default=None, help="Classification models: the text.")
 @click.option("--text-pair", default=None, help="Classification models: the second text of a pair.")
 @click.option("--max-seq-length", default=384, show_default=True, help="Tokens per window.")
-def predict(model, question, context, text, text_pair, max_seq_length):
+@click.option("--squad-v2/--no-squad-v2", default=False, show_default=True,
+              help="SQuAD models: may answer '' (no answer) as SQuAD v2.0 models do.")
+def predict(model, question, context, text, text_pair, max_seq_length, squad_v2):
     """Answer one question, or classify one text, with an exported model."""
     from bertscale.prediction import predict as run_predict
 
     run_predict(model, question=question, context=context, text=text, text_pair=text_pair,
-                max_seq_length=max_seq_length)
+                max_seq_length=max_seq_length, squad_v2=squad_v2)
 
 
 @main.command()

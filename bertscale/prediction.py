@@ -9,7 +9,8 @@ from .config import RunConfig
 from .errors import UserError
 
 
-def predict(model_dir: str, question=None, context=None, text=None, text_pair=None, max_seq_length=384):
+def predict(model_dir: str, question=None, context=None, text=None, text_pair=None, max_seq_length=384,
+            squad_v2=False):
     config = models.load_config(model_dir)
     arch = (config.architectures or ["?"])[0]
     tokenizer = models.load_tokenizer(model_dir)
@@ -21,7 +22,7 @@ def predict(model_dir: str, question=None, context=None, text=None, text_pair=No
         from .tasks.squad import answer
 
         model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
-        run = RunConfig(model=model_dir, max_seq_length=max_seq_length)
+        run = RunConfig(model=model_dir, max_seq_length=max_seq_length, task="squad_v2" if squad_v2 else "squad")
         with torch.no_grad():
             text_out, score = answer(model, tokenizer, question, context, run)
         click.echo(f"answer: {text_out!r}  score: {score:.3f}")

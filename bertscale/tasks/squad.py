@@ -48,11 +48,6 @@ class SquadTask(Task):
         return build_features(examples, self.tokenizer, training=training, workers=self.run.preprocessing_workers,
                               **window_settings(self.run, self.tokenizer, self.default_max_seq_length))
 
-    def lengths(self, features) -> list[int]:
-        import pyarrow.compute as pc
-
-        return pc.list_value_length(_arrow_column(features, "input_ids")).to_pylist()
-
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         # Eval rows also hold example_id and offset_mapping, which are for post-processing only.
         keep = set(self.model_input_names) | set(self.label_names())
