@@ -151,6 +151,11 @@ def export(checkpoint, output):
 @click.option("--global-batch", default=32, type=int, help="Target global batch (sets accumulation).")
 @click.option("--precision", default="fp16", type=click.Choice(["fp16", "bf16", "fp32"]), help="Training precision.")
 @click.option("--output", default=None, help="Write the recommended DeepSpeed JSON here.")
+@click.option("--task", type=click.Choice(["squad", "pretrain"]), default="squad",
+              help="Head whose parameters and activations are planned; pretrain needs --total-steps.")
+@click.option("--total-steps", type=int, default=None,
+              help="LR schedule length written to --output (default: 2 epochs of SQuAD v1.1 train at the "
+              "planned global batch).")
 def plan(**kw):
     """Predict memory per GPU for ZeRO-2/3/offload and recommend a DeepSpeed config."""
     from bertscale.plan import plan_command

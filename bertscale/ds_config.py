@@ -131,6 +131,12 @@ def fill(path, cfg: dict, run, world_size: int, total_steps: int, default_precis
                 sec["enabled"] = default_precision == prec
     _check_no_auto(path, cfg, "")
     _check_batch(path, cfg, world_size)
+    # The trainer batches its data with the flags, so a number in the file must agree with them.
+    for key, flag, value in (("train_micro_batch_size_per_gpu", "--micro-batch-size", run.micro_batch_size),
+                             ("gradient_accumulation_steps", "--grad-accum", run.grad_accum)):
+        if int(cfg.get(key, value)) != value:
+            raise UserError(f"{path}: '{key}' is {cfg[key]} but {flag} is {value}; "
+                            f"pass {flag} {cfg[key]} or set the key to \"auto\"")
     if _enabled(cfg, "fp16") and _enabled(cfg, "bf16"):
         raise UserError(f"{path}: fp16.enabled and bf16.enabled are both true; choose one (--fp16 or --bf16)")
     return cfg

@@ -19,7 +19,8 @@ def is_tiny(name: str) -> bool:
     return name == "tiny"
 
 
-def _source(name: str) -> str:
+def _source(name) -> str:
+    name = str(name)
     return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else name
 
 
