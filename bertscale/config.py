@@ -101,6 +101,7 @@ class RunConfig:
     group_by_length: bool = opt(True, "Batch windows of similar length together (less padding).")
     # --- evaluation, checkpoints ---------------------------------------------------------------
     eval_every: int = opt(0, "Evaluate every N steps (0: only at the end).")
+    eval_on_start: bool = opt(False, "Also evaluate before the first step (the starting model's baseline).")
     eval_batch_size: int = opt(64, "Sequences per GPU per evaluation forward pass.", commands=ALL_RUN)
     save_every: int = opt(500, "Save a checkpoint every N steps (and always at the end).")
     keep: int = opt(3, "Checkpoints kept (newest).")
