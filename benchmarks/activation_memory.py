@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bertscale import memory_model  # noqa: E402
+from bertscale import memory_model, models  # noqa: E402
 from bertscale.plan import load_model_config  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def measure(name: str, seq_len: int, micro_batch: int, checkpointing: bool, task
     """(estimated, measured) peak activation bytes of one training step."""
     model, config = build(name, task, device, precision)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     batch = memory_model.synthetic_batch(config, seq_len, micro_batch, task, device)
     measured = memory_model.measure_step_peak(model, batch)
     kernels = memory_model.CUDA if device.startswith("cuda") else memory_model.CPU

@@ -54,11 +54,7 @@ def build_model(run, task, cfg: dict):
     if checkpointing is None:
         checkpointing = model.config.num_hidden_layers >= 24
     if checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        models.enable_activation_checkpointing(model)
     return model
 
 

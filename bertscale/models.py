@@ -52,6 +52,7 @@ def build_model(name: str, model_class, **overrides):
     Under ZeRO-3 the caller keeps a transformers HfDeepSpeedConfig alive, which makes both
     from_pretrained and _from_config partition weights as they are created.
     """
+    name = str(name)
     config = load_config(name, **overrides)
     config._attn_implementation = "sdpa"
     if is_tiny(name) or name.startswith(RANDOM_PREFIX):
@@ -75,3 +76,12 @@ def _missing(name: str, err: Exception) -> str:
     return (f"--model {name}: not a local directory, and the hub has no such model or is unreachable "
             f"({str(err).splitlines()[0]}). Pass a hub id, a local model directory, 'tiny', or "
             "random:<dir or hub id> for fresh weights.")
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing per layer, under either transformers name for it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -73,7 +73,7 @@ def _measured_vs_estimated(name, seq_len, micro_batch, checkpointing):
     torch.manual_seed(0)
     model = models.build_model(name, BertForQuestionAnswering)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     batch = memory_model.synthetic_batch(model.config, seq_len, micro_batch)
     measured = memory_model.measure_step_peak(model, batch)
     estimate = memory_model.estimate(memory_model.BertShape.of(model.config), seq_len, micro_batch, "fp32",
@@ -141,7 +141,7 @@ def test_cuda_activation_estimate_within_20_percent(checkpointing):
     config._attn_implementation = "sdpa"
     model = BertForQuestionAnswering(config).to("cuda", torch.float16)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     batch = memory_model.synthetic_batch(config, 384, 16, device="cuda")
     measured = memory_model.measure_step_peak(model, batch)
     estimate = memory_model.estimate(memory_model.BertShape.of(config), 384, 16, "fp16").peak(checkpointing)
