@@ -205,7 +205,7 @@ def train(run: RunConfig, task_name: str) -> dict:
             engine.backward(output.loss)
             engine.step()
             state["batch_in_epoch"] = i + 1
-            loss_sum += output.loss.item()
+            loss_sum += output.loss.detach()  # a tensor: no GPU sync until the next log line
             loss_count += 1
             for k, v in task.loss_parts(output, batch).items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
@@ -219,9 +219,10 @@ def train(run: RunConfig, task_name: str) -> dict:
             scale = engine.optimizer.loss_scale if watchdog.enabled else None
             problem = watchdog.check(scale, skipped)
             if step % run.log_every == 0 or step == total_steps or problem:
-                row = {"epoch": state["epoch"] + (i + 1) / (n_batches or float("inf")), "loss": loss_sum / loss_count,
+                row = {"epoch": state["epoch"] + (i + 1) / (n_batches or float("inf")),
+                       "loss": float(loss_sum) / loss_count,
                        "lr": engine.get_lr()[0], "skipped_steps": engine.skipped_steps,
-                       **{k: v / loss_count for k, v in parts_sum.items()}, **speed.report(), **memory_stats()}
+                       **{k: float(v) / loss_count for k, v in parts_sum.items()}, **speed.report(), **memory_stats()}
                 if scale is not None:
                     row["loss_scale"] = float(scale)
                 grad_norm = engine.get_global_grad_norm()

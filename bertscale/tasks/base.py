@@ -78,8 +78,9 @@ class Task:
         return ("labels",)
 
     # --- train/eval hooks --------------------------------------------------------------------
-    def loss_parts(self, output, batch) -> dict[str, float]:
-        """Extra loss components worth logging (mlm_loss, nsp_loss, ...)."""
+    def loss_parts(self, output, batch) -> dict:
+        """Extra loss components worth logging (mlm_loss, nsp_loss, ...), as floats or detached
+        tensors (the trainer converts them when it logs, so GPU steps need not sync)."""
         return {}
 
     def eval_outputs(self, output, batch) -> dict[str, list]:

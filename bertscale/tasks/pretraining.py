@@ -131,17 +131,21 @@ class PretrainingTask(Task):
         return ("labels", "next_sentence_label")
 
     # --- train/eval hooks --------------------------------------------------------------------
-    def loss_parts(self, output, batch) -> dict[str, float]:
-        labels = batch["labels"]
+    def loss_parts(self, output, batch) -> dict:
+        # Detached tensors on the model's device: the trainer reads them only when it logs.
+        device = output.prediction_logits.device
+        labels = batch["labels"].to(device)
         masked = labels != IGNORE_INDEX
         parts = {"nsp_loss": F.cross_entropy(output.seq_relationship_logits.float(),
-                                             batch["next_sentence_label"]).item()}
-        if masked.any():  # only the masked rows of the logits: no [batch, seq, vocab] fp32 copy
-            parts["mlm_loss"] = F.cross_entropy(output.prediction_logits[masked].float(), labels[masked]).item()
+                                             batch["next_sentence_label"].to(device)).detach()}
+        # only the masked rows of the logits: no [batch, seq, vocab] fp32 copy
+        total = F.cross_entropy(output.prediction_logits[masked].float(), labels[masked], reduction="sum")
+        parts["mlm_loss"] = (total / masked.sum().clamp(min=1)).detach()  # no host sync, no NaN on 0 masks
         return parts
 
     def eval_outputs(self, output, batch) -> dict[str, list]:
-        labels = batch["labels"]
+        device = output.prediction_logits.device
+        labels = batch["labels"].to(device)
         masked = labels != IGNORE_INDEX
         logits = output.prediction_logits[masked].float()
         targets = labels[masked]
@@ -151,7 +155,7 @@ class PretrainingTask(Task):
         loss_sum = per_row.index_add(0, row_of, F.cross_entropy(logits, targets, reduction="none"))
         correct = per_row.index_add(0, row_of, (logits.argmax(-1) == targets).float())
         nsp_logits = output.seq_relationship_logits.float()
-        nsp_labels = batch["next_sentence_label"]
+        nsp_labels = batch["next_sentence_label"].to(device)
         nsp_loss = F.cross_entropy(nsp_logits, nsp_labels, reduction="none")
         columns = {"mlm_loss_sum": loss_sum, "mlm_count": masked.sum(1), "mlm_correct": correct,
                    "nsp_correct": (nsp_logits.argmax(-1) == nsp_labels).long(), "nsp_loss": nsp_loss}
