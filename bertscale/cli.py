@@ -68,7 +68,11 @@ class CleanErrors(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            from bertscale.distributed import teardown
+
+            teardown()  # ranks leave together: one exiting early can abort its peer's shutdown
+            return result
         except UserError as e:
             if e.echo:
                 click.echo(f"bertscale: error: {e}", err=True)

@@ -69,6 +69,16 @@ def setup(local_rank_flag: int | None = None) -> None:
           f"backend {backend}", file=sys.stderr, flush=True)
 
 
+def teardown() -> None:
+    """Leave together and close the process group: ranks that simply exit can abort the peer
+    still shutting down its gloo/NCCL connections (seen as a SIGABRT after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     import torch.distributed as dist
 

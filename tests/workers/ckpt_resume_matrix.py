@@ -82,6 +82,7 @@ def main(argv):
         straight_and_resumed(out, combo, flags)
     if logits:
         engine_logits(*logits, flags)
+    dist.teardown()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def main(ds_config: str, precision: str, steps: int):
             print("STEP " + json.dumps({"loss": out.loss.item(), "scale": scale, "skipped": engine.skipped_steps,
                                         "zero": engines.zero_stage(cfg),
                                         "dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
+    dist.teardown()
 
 
 if __name__ == "__main__":
