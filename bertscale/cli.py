@@ -77,6 +77,10 @@ class CleanErrors(click.Group):
             if e.echo:
                 click.echo(f"bertscale: error: {e}", err=True)
             sys.exit(e.exit_code)
+        finally:
+            from bertscale.distributed import release_shm
+
+            release_shm()
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

