@@ -175,13 +175,16 @@ def train(run: RunConfig, task_name: str) -> dict:
 
     def run_eval():
         eval_dir = out / "evals" / f"step-{state['step']}"  # predictions of every evaluation are kept
+        t = time.perf_counter()
         with speed.paused():
             metrics = evaluate(engine, task, eval_set, run, eval_dir)
+        seconds = time.perf_counter() - t  # forward, gather, post-processing, metric, predictions file
         if dist.is_main():
             write_json_atomic(eval_dir / "eval_results.json", {**metrics, "step": state["step"]})
         state["last_eval_step"] = state["step"]
         tracker.log(state["step"], {"eval": 1, **{f"eval_{k}": v for k, v in metrics.items()
-                                                  if isinstance(v, (int, float))}})
+                                                  if isinstance(v, (int, float))},
+                                    "eval_seconds": seconds, "eval_examples_per_s": eval_set.num_examples() / seconds})
         value = metrics.get(best_metric)
         if value is not None and _improved(greater_is_better, value, state["best_metric"]):
             state.update(best_metric=value, evals_without_improvement=0, best_tag=f"step-{state['step']}")

@@ -154,3 +154,20 @@ def test_features_from_a_file_are_cached(uncased, demo):
     first = build_features(demo, uncased, training=True, **WINDOW)
     again = build_features(demo, uncased, training=True, **WINDOW)
     assert first.cache_files and first.cache_files == again.cache_files
+
+
+def test_windows_cache_key_follows_tokenizer_settings_and_split(uncased, cased, demo):
+    """The windows are cached under a key of our own: it must change with anything that changes
+    the windows (else a stale cache would be reused), and stay put otherwise (else no cache hit)."""
+    from bertscale.tasks.squad_features import windows_fingerprint
+
+    key = windows_fingerprint(demo, uncased, True, WINDOW)
+    assert key == windows_fingerprint(demo, load_tokenizer("tiny"), True, dict(WINDOW))
+    others = {windows_fingerprint(demo, cased, True, WINDOW), windows_fingerprint(demo, uncased, False, WINDOW),
+              windows_fingerprint(demo, uncased, True, {**WINDOW, "doc_stride": 16}),
+              windows_fingerprint(demo.select(range(5)), uncased, True, WINDOW)}
+    assert key not in others and len(others) == 4
+    # and datasets really serves the cached windows under it
+    first = build_features(demo, uncased, training=True, **WINDOW)
+    again = build_features(demo, load_tokenizer("tiny"), training=True, **WINDOW)
+    assert first.cache_files == again.cache_files and key in first.cache_files[0]["filename"]

@@ -23,6 +23,10 @@ class EvalSet:
     features: Any
     examples: Any = None
 
+    def num_examples(self) -> int:
+        """Questions for SQuAD (one may span several windows), else rows."""
+        return len(self.examples if self.examples is not None else self.features)
+
 
 class Task:
     name = "task"

@@ -2,14 +2,16 @@
 answers={text, answer_start}), from a local SQuAD-format JSON file or from the hub.
 
 Local files are parsed and validated in python first, so a bad file ends with one message that
-names the file and the record; the validated rows are then written to the datasets cache under a
-digest of the file, so the tokenisation map that follows is cached by datasets too.
+names the file and the record; the validated rows are then written, as one Arrow table, to the
+datasets cache under a digest of the file, so the tokenisation map that follows is cached by
+datasets too.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -45,20 +47,32 @@ def load_examples(run, split: str, version_2: bool):
 
 
 def load_squad_file(path, *, version_2: bool, training: bool, flag: str = ""):
-    from datasets import Dataset
-
     source = f"{flag} {path}".strip()
     raw = _read_bytes(path, source)
     columns = parse_squad(raw, source=source, version_2=version_2, training=training)
     digest = hashlib.sha256(raw).hexdigest()[:32]
-    fingerprint = f"squad-rows{_ROWS_VERSION}-{digest}-v{int(version_2)}-t{int(training)}"
-    return Dataset.from_generator(_yield_rows, features=example_features(), gen_kwargs={"columns": columns},
-                                  fingerprint=fingerprint)
+    return _cached_rows(columns, f"squad-rows{_ROWS_VERSION}-{digest}-v{int(version_2)}-t{int(training)}")
 
 
-def _yield_rows(columns):
-    for values in zip(*columns.values()):
-        yield dict(zip(columns, values))
+def _cached_rows(columns: dict, name: str):
+    """The rows as a memory-mapped Dataset in the datasets cache. Built as one Arrow table
+    (Dataset.from_generator encodes row by row: 2 s for a 12k-question file, against 0.02 s).
+    The file name holds the digest of the source, so it doubles as the dataset's fingerprint and
+    the tokenisation map over it is cached; ranks that come second find the file ready."""
+    import datasets
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    features = example_features()
+    path = Path(datasets.config.HF_DATASETS_CACHE) / "bertscale" / f"{name}.arrow"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with ArrowWriter(features=features, path=str(tmp)) as writer:
+            writer.write_table(pa.Table.from_pydict(columns, schema=features.arrow_schema))
+            writer.finalize()
+        os.replace(tmp, path)  # atomic: a run killed mid-write leaves no half file behind
+    return datasets.Dataset.from_file(str(path))
 
 
 def _read_bytes(path, source: str) -> bytes:

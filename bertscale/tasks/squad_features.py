@@ -7,10 +7,13 @@ question and special tokens) for post-processing.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from bisect import bisect_left, bisect_right
 from itertools import chain
 from operator import itemgetter
+from pathlib import Path
 
 import numpy as np
 
@@ -45,12 +48,32 @@ def build_features(examples, tokenizer, *, training: bool, max_seq_length: int, 
     """A datasets.Dataset of windows, tokenised in batches by the fast tokenizer (cached by datasets
     when the examples come from files or the hub)."""
     num_proc = workers if workers > 1 and len(examples) > MIN_EXAMPLES_FOR_WORKERS else None
+    window = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
     return examples.map(
         prepare_train_features if training else prepare_eval_features,
         batched=True, remove_columns=examples.column_names, num_proc=num_proc,
-        fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                       max_query_length=max_query_length),
+        fn_kwargs=dict(tokenizer=tokenizer, **window),
+        new_fingerprint=windows_fingerprint(examples, tokenizer, training, window),
         desc="Tokenising SQuAD " + ("train" if training else "eval") + " windows")
+
+
+def windows_fingerprint(examples, tokenizer, training: bool, window: dict):
+    """The cache key of the tokenised windows: the examples, the tokenizer's full definition, the
+    settings and this file's source (so a code change never reuses old windows). datasets would
+    otherwise pickle the tokenizer to hash it, which costs more than tokenising 1000 questions.
+    None (datasets hashes) for tokenizers without a serialisable fast backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(examples, "_fingerprint", None) is None:
+        return None
+    # Calling the tokenizer leaves its last truncation/padding call in the backend: not part of its identity.
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    h = hashlib.sha256()
+    for part in (examples._fingerprint, type(tokenizer).__name__, tokenizer.padding_side,
+                 json.dumps(definition, sort_keys=True),
+                 json.dumps(window, sort_keys=True), str(training), Path(__file__).read_text()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
 
 
 def prepare_train_features(examples: dict, tokenizer, **window) -> dict:
