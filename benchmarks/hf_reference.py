@@ -133,6 +133,8 @@ def main(argv=None):
     ap.add_argument("--max-seq-length", type=int, default=384)
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--learning-rate", type=float, default=3e-5)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--log-every", type=int, default=16, help="Steps per training-loss mean in the history.")
     ap.add_argument("--output-dir", required=True)
     args = ap.parse_args(argv)
 
@@ -155,12 +157,12 @@ def main(argv=None):
     train_features = train_features_of(args.max_train_samples)
     eval_examples, raw_dev = load_squad(args.eval_file, args.max_eval_samples)
 
-    set_seed(42)  # before the model, as run_qa.py does: the new QA head's initialisation
+    set_seed(args.seed)  # before the model, as run_qa.py does: the new QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(args.model, attn_implementation="sdpa")
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         max_steps=args.max_steps, learning_rate=args.learning_rate, weight_decay=0.01, warmup_steps=0.1,
-        max_grad_norm=1.0, adam_epsilon=1e-6, seed=42, logging_steps=10, save_strategy="no", report_to=[],
+        max_grad_norm=1.0, adam_epsilon=1e-6, seed=args.seed, logging_steps=args.log_every, save_strategy="no", report_to=[],
         deepspeed=json.loads(ZERO2.read_text()), use_cpu=False)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_features,
                       data_collator=default_data_collator)
@@ -181,7 +183,8 @@ def main(argv=None):
               "train_features": len(train_features), "preprocess_features_per_s": n_preprocessed / preprocess_s,
               "eval_examples": len(eval_examples), "eval_features": len(eval_features),
               "eval_examples_per_s": len(eval_examples) / eval_s, "eval_preprocess_s": eval_preprocess_s,
-              "f1": scores["f1"], "exact_match": scores["exact_match"], "steps": args.max_steps}
+              "f1": scores["f1"], "exact_match": scores["exact_match"], "steps": args.max_steps,
+              "loss_history": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -59,9 +59,10 @@ def bertscale_worker(args) -> dict:
     run = RunConfig(model=args.model, output_dir=str(out), task="squad", train_file=args.train_file,
                     eval_file=args.eval_file, max_train_samples=args.max_train_samples,
                     max_eval_samples=args.max_eval_samples, max_seq_length=args.max_seq_length,
-                    doc_stride=args.doc_stride, preprocessing_workers=1, eval_batch_size=64, seed=42,
+                    doc_stride=args.doc_stride, preprocessing_workers=1, eval_batch_size=64, seed=args.seed,
                     wandb_mode="disabled", micro_batch_size=args.batch_size, grad_accum=1, max_steps=args.max_steps,
-                    learning_rate=args.learning_rate, ds_config="zero2", save_every=0, log_every=1)
+                    learning_rate=args.learning_rate, ds_config="zero2", save_every=0, log_every=1,
+                    group_by_length=not args.no_group_by_length)
 
     # Imports and the tokenizer load stay outside the timing, as on the HF side.
     import datasets  # noqa: F401
@@ -76,10 +77,13 @@ def bertscale_worker(args) -> dict:
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
     train_s = sum(args.batch_size / r for r in rates)  # one row per step (log_every=1)
     evals = [r for r in rows if "eval_seconds" in r]
+    losses = [r["loss"] for r in rows if "samples_per_s" in r]  # one per step
+    history = [[end, statistics.fmean(losses[end - args.log_every:end])]
+               for end in range(args.log_every, len(losses) + 1, args.log_every)]
     return {"train_samples_per_s": len(rates) * args.batch_size / train_s,
             "preprocess_features_per_s": n_preprocessed / preprocess_s,
             "eval_examples_per_s": evals[-1]["eval_examples_per_s"], "eval_s": evals[-1]["eval_seconds"],
-            "f1": final["f1"], "exact_match": final["exact_match"], "steps": len(rates)}
+            "f1": final["f1"], "exact_match": final["exact_match"], "steps": len(rates), "loss_history": history}
 
 
 def free_port() -> int:
@@ -96,9 +100,11 @@ def run_side(side: str, args, workdir: Path) -> dict:
               "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
               "--max-seq-length", str(args.max_seq_length), "--doc-stride", str(args.doc_stride),
               "--learning-rate", str(args.learning_rate), "--preprocess-samples", str(args.preprocess_samples),
-              "--output-dir", str(out)]
+              "--seed", str(args.seed), "--log-every", str(args.log_every), "--output-dir", str(out)]
     script = Path(__file__).parent / ("hf_reference.py" if side == "hf" else "squad_throughput.py")
-    cmd = [sys.executable, str(script), *common] + (["--worker"] if side == "bertscale" else [])
+    cmd = [sys.executable, str(script), *common]
+    if side == "bertscale":
+        cmd += ["--worker"] + (["--no-group-by-length"] if args.no_group_by_length else [])
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(workdir / "datasets"), "WANDB_MODE": "disabled",
@@ -124,6 +130,15 @@ def summarize(results: dict) -> dict:
     med = {side: {k: statistics.median(r[k] for r in runs) for k in METRICS} for side, runs in results.items()}
     med["ratio"] = {k: med["bertscale"][k] / med["hf"][k] if med["hf"][k] else float("nan") for k in METRICS}
     return med
+
+
+def print_losses(results: dict) -> None:
+    """Training loss (mean over each --log-every steps) of every run, side by side."""
+    runs = [(f"{side} #{i + 1}", dict(r["loss_history"])) for side, rs in results.items() for i, r in enumerate(rs)]
+    steps = sorted(set().union(*(h.keys() for _, h in runs)))
+    print(f"\n{'train loss at step':<20}" + "".join(f"{name:>14}" for name, _ in runs))
+    for step in steps:
+        print(f"{step:<20}" + "".join(f"{h[step]:>14.3f}" if step in h else f"{'':>14}" for _, h in runs))
 
 
 def print_table(results: dict, summary: dict) -> None:
@@ -153,6 +168,11 @@ def parse_args(argv=None):
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--learning-rate", type=float, default=1e-4, help="High, so F1 moves within a few steps.")
     ap.add_argument("--repeats", type=int, default=2, help="Runs per side, alternating.")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--log-every", type=int, default=16, help="Steps per training-loss mean in the loss table.")
+    ap.add_argument("--no-group-by-length", action="store_true",
+                    help="bertscale without length-grouped batches (a control: padding per batch only).")
+    ap.add_argument("--keep", default=None, help="Keep each run's directory and log.txt under this folder.")
     ap.add_argument("--json", default=None, help="Also write every run and the medians here.")
     ap.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -169,6 +189,7 @@ def main(argv=None):
         return
     results = {"bertscale": [], "hf": []}
     with tempfile.TemporaryDirectory(prefix="squad_bench_") as tmp:
+        tmp = args.keep or tmp
         for i in range(args.repeats):
             for side in ("bertscale", "hf"):
                 r = run_side(side, args, Path(tmp) / f"{side}{i}")
@@ -176,6 +197,7 @@ def main(argv=None):
                 print(f"[{side} #{i + 1}] " + json.dumps({k: round(v, 3) for k, v in r.items()
                                                           if isinstance(v, float)}), flush=True)
     summary = summarize(results)
+    print_losses(results)
     print_table(results, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results, "median": summary}, indent=2))

@@ -213,12 +213,12 @@ class Tracker:
             print(f"[bertscale] {msg}", file=sys.stderr, flush=True)
 
     def summary(self, values: dict) -> None:
-        """Final numbers: the caller's (final/best metrics) plus mean throughput, peak memory and
+        """Final numbers: the caller's (final/best metrics, mean throughput) plus peak memory and
         total time; into the W&B summary, a "summary" row of metrics.jsonl and one printed line."""
         if not self.active:
             return
         values = {k: _finite(v) for k, v in values.items()}
-        values.update(self._throughput_summary())
+        values.update(self._memory_summary())
         values["total_time_s"] = time.time() - self.start
         self.metrics_file.write(json.dumps({"step": self.step, "summary": 1, **values}) + "\n")
         if self.wandb is not None:
@@ -229,14 +229,8 @@ class Tracker:
         print(f"[bertscale] throughput: {speed or 'not measured'}; total time {_duration(values['total_time_s'])}",
               flush=True)
 
-    def _throughput_summary(self) -> dict:
-        # The first interval holds start-up (allocations, kernel selection): leave it out when we can.
-        rows = self.train_rows[1:] or self.train_rows
+    def _memory_summary(self) -> dict:
         out = {}
-        for key in ("samples_per_s", "tokens_per_s", "tflops_per_gpu", "mfu"):
-            vals = [r[key] for r in rows if key in r]
-            if vals:
-                out[f"mean_{key}"] = sum(vals) / len(vals)
         for key in ("mem_peak_gib", "mem_rss_peak_gib"):
             vals = [r[key] for r in self.train_rows if key in r]
             if vals:
@@ -284,6 +278,7 @@ class Throughput:
     def __init__(self, model_config, peak: float | None, world: int):
         self.config, self.peak, self.world = model_config, peak, world
         self._pause_depth = 0
+        self._totals: list[list[float]] = []  # [samples, tokens, flops, seconds] of each report
         self.reset()
 
     def reset(self):
@@ -312,12 +307,25 @@ class Throughput:
         differ in real tokens)."""
         dt = max(time.time() - self.t0, 1e-9)
         samples, tokens, flops = _sum_over_ranks([self.samples, self.tokens, self.flops])
+        self._totals.append([samples, tokens, flops, dt])
+        self.reset()
+        return self._rates(samples, tokens, flops, dt)
+
+    def _rates(self, samples, tokens, flops, dt) -> dict:
         out = {"samples_per_s": samples / dt, "tokens_per_s": tokens / dt,
                "tflops_per_gpu": flops / self.world / dt / 1e12}
         if self.peak:
             out["mfu"] = out["tflops_per_gpu"] / self.peak
-        self.reset()
         return out
+
+    def summary(self) -> dict:
+        """mean_* rates over the whole run: total work / total time (a mean of per-interval rates
+        would overstate it, since short-sequence steps are fast). The first interval holds
+        start-up (allocations, kernel selection) and is left out when there are others."""
+        intervals = self._totals[1:] or self._totals
+        if not intervals:
+            return {}
+        return {f"mean_{k}": v for k, v in self._rates(*(sum(column) for column in zip(*intervals))).items()}
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

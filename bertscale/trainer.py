@@ -279,7 +279,7 @@ def train(run: RunConfig, task_name: str) -> dict:
             print("[bertscale] final: " + " ".join(f"{k}={v:.4g}" for k, v in final_metrics.items()
                                                   if isinstance(v, (int, float))), flush=True)
     tracker.summary({**{f"final_{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-                     "best_metric": state["best_metric"], "steps": state["step"]})
+                     "best_metric": state["best_metric"], "steps": state["step"], **speed.summary()})
     tracker.finish()
     dist.barrier()
     return final_metrics

@@ -80,6 +80,27 @@ def test_throughput_excludes_paused_time():
     assert out["mfu"] == pytest.approx(out["tflops_per_gpu"] / PEAK)
 
 
+
+def test_mean_throughput_is_total_work_over_total_time(monkeypatch):
+    """A fast interval and a slow one of equal work: the mean is 2 x work / total time (the mean of
+    the two rates would say more); the first interval (start-up) is left out."""
+    import torch
+    from transformers import BertConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: clock[0])
+    speed = tracking.Throughput(BertConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256), PEAK, 1)
+    batch = {"attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    assert speed.summary() == {}
+    for seconds in (100.0, 1.0, 3.0):  # start-up, fast, slow
+        speed.add(batch)
+        clock[0] += seconds
+        speed.report()
+    mean = speed.summary()
+    assert mean["mean_samples_per_s"] == pytest.approx(16 / 4.0)  # not (8/1 + 8/3) / 2
+    assert mean["mean_tokens_per_s"] == pytest.approx(16 * 16 / 4.0)
+    assert mean["mean_mfu"] == pytest.approx(mean["mean_tflops_per_gpu"] / PEAK)
+
 def test_watchdog_rules():
     fp16 = {"fp16": {"enabled": True, "min_loss_scale": 1}}
     dog = tracking.LossScaleWatchdog(fp16, window=10)
