@@ -253,8 +253,9 @@ def test_wandb_history_matches_metrics_jsonl(main_run, wandb_segments):
             assert history[step][key] == pytest.approx(value, rel=1e-9), (step, key)
     logged = history[4]
     for key in ("loss", "lr", "skipped_steps", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_gpu",
-                "mfu", "mem_rss_gib", "eval_exact_match", "eval_f1"):
+                "mfu", "mem_rss_gib", "eval_exact_match", "eval_f1", "eval_seconds", "eval_examples_per_s"):
         assert key in logged, key
+    assert logged["eval_examples_per_s"] * logged["eval_seconds"] == pytest.approx(40)  # questions, not windows
     assert "loss_scale" not in logged  # fp32 run: no loss scale to report
     assert logged["mfu"] == pytest.approx(logged["tflops_per_gpu"] / PEAK)
     assert logged["tokens_per_s"] > logged["samples_per_s"] > 0

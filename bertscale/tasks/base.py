@@ -23,10 +23,6 @@ class EvalSet:
     features: Any
     examples: Any = None
 
-    def num_examples(self) -> int:
-        """Questions for SQuAD (one may span several windows), else rows."""
-        return len(self.examples if self.examples is not None else self.features)
-
 
 class Task:
     name = "task"
@@ -86,6 +82,10 @@ class Task:
         """Extra loss components worth logging (mlm_loss, nsp_loss, ...), as floats or detached
         tensors (the trainer converts them when it logs, so GPU steps need not sync)."""
         return {}
+
+    def eval_examples(self, eval_set: EvalSet) -> int:
+        """What "eval examples/s" counts: one per eval row here; SQuAD counts questions."""
+        return len(eval_set.features)
 
     def eval_outputs(self, output, batch) -> dict[str, list]:
         """Per-row results of one eval forward pass, as lists of numpy arrays or scalars.

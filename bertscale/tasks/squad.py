@@ -55,6 +55,9 @@ class SquadTask(Task):
         return pad_batch(rows, self.tokenizer.pad_token_id, self.label_names())
 
     # --- evaluation --------------------------------------------------------------------------
+    def eval_examples(self, eval_set: EvalSet) -> int:
+        return len(eval_set.examples)  # questions: a long context spans several windows
+
     def eval_outputs(self, output, batch) -> dict[str, list]:
         return trimmed_logits(output, batch["attention_mask"])
 
