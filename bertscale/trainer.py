@@ -196,6 +196,7 @@ def train(run: RunConfig, task_name: str) -> dict:
 
     if run.eval_on_start and eval_set is not None and state["step"] == 0:
         run_eval()
+    engine.train()  # from_pretrained returns the model in eval mode: no dropout until this call
     loss_sum, loss_count, parts_sum = 0.0, 0, {}
     skipped_before = engine.skipped_steps
     early_stopped = False
