@@ -184,7 +184,8 @@ def train(run: RunConfig, task_name: str) -> dict:
         state["last_eval_step"] = state["step"]
         tracker.log(state["step"], {"eval": 1, **{f"eval_{k}": v for k, v in metrics.items()
                                                   if isinstance(v, (int, float))},
-                                    "eval_seconds": seconds, "eval_examples_per_s": task.eval_examples(eval_set) / seconds})
+                                    "eval_seconds": seconds,
+                                    "eval_examples_per_s": task.eval_examples(eval_set) / seconds})
         value = metrics.get(best_metric)
         if value is not None and _improved(greater_is_better, value, state["best_metric"]):
             state.update(best_metric=value, evals_without_improvement=0, best_tag=f"step-{state['step']}")
