@@ -52,10 +52,11 @@ def free_port() -> int:
 class SlurmCluster:
     """`with SlurmCluster(nodes=2) as c: job = c.sbatch(["script.sh"]); c.wait(job)`."""
 
-    def __init__(self, nodes: int = 1, cpus_per_node: int = 2, kill_wait: int = 5):
+    def __init__(self, nodes: int = 1, cpus_per_node: int = 2, kill_wait: int = 5, cred_expire: int = 10):
         self.nodes = [f"bsnode{i + 1}" for i in range(nodes)]
         self.cpus_per_node = cpus_per_node
         self.kill_wait = kill_wait
+        self.cred_expire = cred_expire
         self.dir = Path(tempfile.mkdtemp(prefix="bertscale-slurm-"))
         self.conf = self.dir / "slurm.conf"
         self.jobcomp = self.dir / "jobcomp.txt"
@@ -144,17 +145,10 @@ class SlurmCluster:
         records = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in self.jobcomp.read_text().splitlines()]
         return [r for r in records if r.get("JobId") == str(job_id)]
 
-    def wait(self, job_id: int, timeout: float, poll: float = 1.0, skip_requeue_delay: bool = False) -> dict:
-        """Wait until the job has ended for good (a requeue is not an end); return `scontrol show job`.
-
-        Slurm holds a requeued job for about two minutes (Reason=BeginTime); `skip_requeue_delay`
-        lets it start again as soon as its previous run has left every node (a restart while the
-        old run is still being cleaned up fails to launch).
-        """
+    def wait(self, job_id: int, timeout: float, poll: float = 1.0) -> dict:
+        """Wait until the job has ended for good (a requeue is not an end); return `scontrol show job`."""
         def ended() -> dict:
             job = self.job(job_id)
-            if skip_requeue_delay and job.get("Reason") == "BeginTime" and self._all_nodes_idle():
-                self.scontrol("update", f"JobId={job_id}", "StartTime=now", check=False)
             return job if job.get("JobState") in ENDED else {}
         return self._wait_for(ended, timeout, f"job {job_id} to end", poll)
 
@@ -206,7 +200,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+# A requeued job waits cred_expire seconds (default 120) before it may start again: until then
+# the nodes still refuse its revoked credential ("already killed, do not launch batch job").
+AuthInfo=socket={munge_socket},cred_expire={self.cred_expire}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -220,6 +216,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={self.jobcomp}
 SchedulerType=sched/builtin
+# Start pending jobs within seconds of becoming eligible (a requeued one included), not a minute.
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

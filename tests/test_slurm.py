@@ -112,9 +112,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job, log, out = submit(cluster, tmp_path, ONE_NODE, max_steps=60)
     wait_until_training(cluster, job, log, out)
     cluster.run("scancel", "--signal=USR1", str(job))  # what --signal=USR1@T delivers before the time limit
-    end = cluster.wait(job, timeout=300, skip_requeue_delay=True)
+    end = cluster.wait(job, timeout=300)
     text = read(log)
-    assert end["JobState"] == "COMPLETED", f"{end}\n{text}"
+    assert end["JobState"] == "COMPLETED", f"{end}\n{text}\n{cluster.log_tail()}"
     assert end["Restarts"] == "1", f"{end}\n{text}"
     assert "requeueing job" in text
     resumed = re.search(r"Resumed from (\S+)", text)
