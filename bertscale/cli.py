@@ -20,7 +20,7 @@ import typing
 import click
 
 from bertscale.config import RunConfig, fields_for
-from bertscale.errors import UserError
+from bertscale.errors import PreemptedExit, UserError
 
 
 def _click_type(hint):
@@ -64,23 +64,27 @@ def make_run(**kwargs) -> RunConfig:
 
 
 class CleanErrors(click.Group):
-    """Turn UserError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn UserError into one line on stderr and exit code 2 (no traceback); end the ranks of a
+    distributed run through `exit_process`, which skips the finalization that can abort them."""
 
     def invoke(self, ctx):
+        from bertscale import distributed as dist
+
+        code = 0
         try:
             result = super().invoke(ctx)
-            from bertscale.distributed import teardown
-
-            teardown()  # ranks leave together: one exiting early can abort its peer's shutdown
-            return result
+            dist.teardown()  # ranks leave together: one exiting early can abort its peer's shutdown
         except UserError as e:
             if e.echo:
                 click.echo(f"bertscale: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            code = e.exit_code
+        except PreemptedExit:
+            code = PreemptedExit.CODE
         finally:
-            from bertscale.distributed import release_shm
-
-            release_shm()
+            dist.release_shm()
+        if code or dist.joined():
+            dist.exit_process(code)
+        return result
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

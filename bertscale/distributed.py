@@ -7,11 +7,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import glob
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+from typing import NoReturn
+
+_joined = False  # whether this process set up a process group (see exit_process)
 
 
 def _from_slurm() -> None:
@@ -53,8 +57,10 @@ def setup(local_rank_flag: int | None = None) -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    global _joined
     if dist.is_available() and dist.is_initialized():
         return
+    _joined = True
     _from_slurm()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK=str(local_rank_flag or 0), WORLD_SIZE="1",
@@ -80,6 +86,29 @@ def teardown() -> None:
         dist.barrier()
         dist.destroy_process_group()
     release_shm()
+
+
+def joined() -> bool:
+    return _joined
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End a rank without interpreter finalization, once its work is written and it has left.
+
+    Finalization destroys the gloo and DeepSpeed objects that Python still references in no set
+    order, and now and then a rank that finished cleanly dies there ("terminate called without an
+    active exception", exit -6; see pytorch/pytorch PR #179291). The launcher and Slurm then see a failed
+    run, or a preempted one that is not requeued. Only processes that joined a process group end
+    this way; everything else exits normally."""
+    if not _joined:
+        sys.exit(code)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=code)  # its atexit hook will not run; an open run would stay "running"
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def release_shm() -> None:

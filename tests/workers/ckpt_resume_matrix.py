@@ -83,6 +83,7 @@ def main(argv):
     if logits:
         engine_logits(*logits, flags)
     dist.teardown()
+    dist.exit_process(0)  # see its docstring: finalization can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def main(ds_config: str, precision: str, steps: int):
                                         "zero": engines.zero_stage(cfg),
                                         "dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
     dist.teardown()
+    dist.exit_process(0)  # see its docstring: finalization can abort a finished rank
 
 
 if __name__ == "__main__":
