@@ -34,12 +34,14 @@ def resolve(name: str) -> str:
 
 def build(name: str, task: str, device: str, precision: str):
     import torch
-    from transformers import BertForPreTraining, BertForQuestionAnswering
+    from transformers import BertForQuestionAnswering
+
+    from bertscale.tasks.pretraining_model import BertForPreTrainingOnMasked
 
     config = load_model_config(resolve(name))
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = (BertForPreTraining if task == "pretrain" else BertForQuestionAnswering)(config)
+    model = (BertForPreTrainingOnMasked if task == "pretrain" else BertForQuestionAnswering)(config)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     return model.to(device=device, dtype=dtype), config
 
@@ -53,7 +55,9 @@ def measure(name: str, seq_len: int, micro_batch: int, checkpointing: bool, task
     batch = memory_model.synthetic_batch(config, seq_len, micro_batch, task, device)
     measured = memory_model.measure_step_peak(model, batch)
     kernels = memory_model.CUDA if device.startswith("cuda") else memory_model.CPU
-    est = memory_model.estimate(memory_model.BertShape.of(config), seq_len, micro_batch, precision, kernels, task)
+    masked = int((batch["labels"] != -100).sum()) if task == "pretrain" else None
+    est = memory_model.estimate(memory_model.BertShape.of(config), seq_len, micro_batch, precision, kernels, task,
+                                masked_tokens=masked)
     return est.peak(checkpointing), measured
 
 

@@ -60,7 +60,7 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
     if dist.is_main():
         hf = ckroot / tmp_tag / "hf"
         config = engine.module.config
-        config.architectures = [type(engine.module).__name__]  # unset for randomly initialised models
+        config.architectures = [_stock_class_name(engine.module)]  # unset for randomly initialised models
         config.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
         write_json_atomic(ckroot / tmp_tag / STATE_FILE, full_state)
@@ -339,6 +339,14 @@ def consolidated_state_dict(ckpt: Path) -> dict:
     if not module_file.is_file():
         raise UserError(f"{ckpt}: no DeepSpeed model states found")
     return {k: v.float() for k, v in safe_load(module_file, map_location="cpu")["module"].items()}
+
+
+def _stock_class_name(model) -> str:
+    """The transformers class a checkpoint of `model` loads into: a training subclass of ours
+    (tasks/pretraining_model.py) saves as its stock parent."""
+    import transformers
+
+    return next(c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c)
 
 
 def export(ckpt, output) -> Path:

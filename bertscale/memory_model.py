@@ -55,6 +55,8 @@ class ActivationEstimate:
     head: int             # task head and loss
     head_grads: int       # gradients alive at once while the head runs backward
     embedding_grad: int   # the word embeddings' gradient, made whole before ZeRO takes it
+    held_grad: int = 0    # kept from the head's backward to the embeddings': the tied MLM decoder's
+                          # weight gradient, which autograd sums with the embeddings' own
 
     def peak(self, checkpointing: bool) -> int:
         """The largest of three moments: the head's backward, the last layer's backward, and the
@@ -65,12 +67,15 @@ class ActivationEstimate:
         else:
             kept = self.layers * self.per_layer + self.embeddings
             in_layer = self.layer_grads
-        return max(kept + max(self.head + self.head_grads, in_layer), self.embeddings + self.embedding_grad)
+        return max(kept + max(self.head + self.head_grads, in_layer + self.held_grad),
+                   self.embeddings + self.embedding_grad + 2 * self.held_grad)  # held + embeddings' + their sum
 
 
 def estimate(shape: BertShape, seq_len: int, micro_batch: int, precision: str = "fp16",
-             kernels: Kernels = CUDA, task: str = "squad", padding_mask: bool = True) -> ActivationEstimate:
-    """Bytes of activations for one micro batch (see ActivationEstimate.peak)."""
+             kernels: Kernels = CUDA, task: str = "squad", padding_mask: bool = True,
+             masked_tokens: int | None = None, max_predictions: int = 20) -> ActivationEstimate:
+    """Bytes of activations for one micro batch (see ActivationEstimate.peak). Pretraining masks
+    15% of each sequence up to `max_predictions`, unless `masked_tokens` gives the batch's count."""
     p = PRECISION_BYTES[precision]
     mask = 1 if kernels.bool_dropout_mask else p
     tokens = seq_len * micro_batch
@@ -99,12 +104,17 @@ def estimate(shape: BertShape, seq_len: int, micro_batch: int, precision: str = 
 
     embeddings = sbh * p + layer_norm_stats + sbh * mask  # LayerNorm input, dropout mask
     if task == "pretrain":
-        # MLM transform (dense, GELU, LayerNorm), logits and log-softmax over the vocabulary
-        head = 4 * sbh * p + layer_norm_stats + 2 * tokens * shape.vocab * p
-        head_grads = tokens * shape.vocab * p
+        # Only masked positions reach the MLM head (tasks/pretraining_model.py): their gathered
+        # hidden states, transform (dense, GELU, LayerNorm), logits and log-softmax over the
+        # vocabulary. Backward scatters their gradient into a full [tokens, hidden] tensor.
+        m = masked_tokens if masked_tokens is not None else micro_batch * min(max_predictions, round(seq_len * 0.15))
+        head = 5 * m * shape.hidden * p + 2 * m * 4 + 2 * m * shape.vocab * p
+        head_grads = m * shape.vocab * p + sbh * p
+        held_grad = shape.vocab * shape.hidden * p
     else:
         head = sbh * p + 2 * tokens * 2 * p  # last hidden state; start/end logits and log-softmax
         head_grads = sbh * p
+        held_grad = 0
     # A layer frees what it kept as its backward goes on; what adds up is about one gradient of
     # its widest tensor. The efficient attention backward holds dO, dQ, dK, dV at once and, for
     # 16-bit inputs, fp32 accumulators for dQ, dK, dV (seen on an H100: docs/performance.md).
@@ -115,7 +125,8 @@ def estimate(shape: BertShape, seq_len: int, micro_batch: int, precision: str = 
     layer_grads = max(sbi * p, attention_grads)
     return ActivationEstimate(layers=shape.layers, per_layer=layer, layer_input=sbh * p,
                               layer_grads=layer_grads, embeddings=embeddings, head=head,
-                              head_grads=head_grads, embedding_grad=shape.vocab * shape.hidden * p)
+                              head_grads=head_grads, embedding_grad=shape.vocab * shape.hidden * p,
+                              held_grad=held_grad)
 
 
 def measure_step_peak(model, batch: dict) -> int:

@@ -90,6 +90,23 @@ def test_activation_estimate_within_20_percent_of_measured_peak(model, seq_len, 
     assert 0.8 < estimate / measured < 1.2, (estimate, measured)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("micro_batch", [4, 16])  # 4: the embeddings' backward is the peak
+def test_pretraining_estimate_within_20_percent_of_measured_peak(micro_batch, checkpointing):
+    from bertscale.tasks.pretraining_model import BertForPreTrainingOnMasked
+
+    torch.manual_seed(0)
+    model = models.build_model("tiny", BertForPreTrainingOnMasked)
+    if checkpointing:
+        models.enable_activation_checkpointing(model)
+    batch = memory_model.synthetic_batch(model.config, 128, micro_batch, "pretrain")
+    measured = memory_model.measure_step_peak(model, batch)
+    estimate = memory_model.estimate(memory_model.BertShape.of(model.config), 128, micro_batch, "fp32",
+                                     memory_model.CPU, "pretrain",
+                                     masked_tokens=int((batch["labels"] != -100).sum())).peak(checkpointing)
+    assert 0.8 < estimate / measured < 1.2, (estimate, measured)
+
+
 def test_recommends_zero2_when_it_fits_and_writes_a_deepspeed_config(tmp_path, capsys):
     from deepspeed.runtime.config import DeepSpeedConfig
 

@@ -41,9 +41,11 @@ class PretrainingTask(Task):
 
     # --- model -------------------------------------------------------------------------------
     def model_class(self):
-        from transformers import BertForPreTraining
+        from .pretraining_model import BertForPreTrainingOnMasked
 
-        return BertForPreTraining  # missing MLM/NSP heads are created; the decoder is tied to the embeddings
+        # Missing MLM/NSP heads are created and the decoder tied to the embeddings, as from_pretrained
+        # does for BertForPreTraining; the MLM head scores only masked positions.
+        return BertForPreTrainingOnMasked
 
     # --- data --------------------------------------------------------------------------------
     def train_features(self):
@@ -131,23 +133,21 @@ class PretrainingTask(Task):
         return ("labels", "next_sentence_label")
 
     # --- train/eval hooks --------------------------------------------------------------------
+    # The model's prediction_logits hold one row per masked token (pretraining_model.py).
     def loss_parts(self, output, batch) -> dict:
         # Detached tensors on the model's device: the trainer reads them only when it logs.
         device = output.prediction_logits.device
         labels = batch["labels"].to(device)
-        masked = labels != IGNORE_INDEX
-        parts = {"nsp_loss": F.cross_entropy(output.seq_relationship_logits.float(),
-                                             batch["next_sentence_label"].to(device)).detach()}
-        # only the masked rows of the logits: no [batch, seq, vocab] fp32 copy
-        total = F.cross_entropy(output.prediction_logits[masked].float(), labels[masked], reduction="sum")
-        parts["mlm_loss"] = (total / masked.sum().clamp(min=1)).detach()  # no host sync, no NaN on 0 masks
-        return parts
+        nsp = F.cross_entropy(output.seq_relationship_logits.float(), batch["next_sentence_label"].to(device))
+        mlm = F.cross_entropy(output.prediction_logits.float(), labels[labels != IGNORE_INDEX], reduction="sum")
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)  # no host sync, no NaN on 0 masks
+        return {"nsp_loss": nsp.detach(), "mlm_loss": (mlm / count).detach()}
 
     def eval_outputs(self, output, batch) -> dict[str, list]:
         device = output.prediction_logits.device
         labels = batch["labels"].to(device)
         masked = labels != IGNORE_INDEX
-        logits = output.prediction_logits[masked].float()
+        logits = output.prediction_logits.float()
         targets = labels[masked]
         row_of = masked.nonzero()[:, 0]
         size = labels.shape[0]
