@@ -35,7 +35,7 @@ demo: $(STAMP)
 	  --epochs 1 --log-every 5 --save-every 0 --output-dir $(DEMO_DIR) --overwrite-output-dir
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra tests
+	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: $(STAMP)
 	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -m 'not slow and not slurm' tests
