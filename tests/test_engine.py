@@ -12,13 +12,18 @@ def steps_of(proc):
     return [json.loads(line.split("STEP ", 1)[1]) for line in proc.stdout.splitlines() if "STEP " in line]
 
 
-@pytest.mark.parametrize("ds_config,precision,dtype", [
-    ("zero2", "bf16", "torch.bfloat16"),
-    ("zero3", "bf16", "torch.bfloat16"),
-    ("zero3", "fp32", "torch.float32"),
-])
-def test_engine_steps_and_loss_falls(ds_config, precision, dtype):
-    rows = steps_of(launch(["tests/workers/engine_steps.py", ds_config, precision, "12"]))
+ENGINES = [("zero2", "bf16", "torch.bfloat16"), ("zero3", "bf16", "torch.bfloat16"), ("zero3", "fp32", "torch.float32")]
+
+
+@pytest.fixture(scope="module")
+def engine_steps() -> list[dict]:
+    """12 steps of each engine in ENGINES, all from one launch."""
+    return steps_of(launch(["tests/workers/engine_steps.py", "12", *(f"{z}:{p}" for z, p, _ in ENGINES)]))
+
+
+@pytest.mark.parametrize("ds_config,precision,dtype", ENGINES)
+def test_engine_steps_and_loss_falls(engine_steps, ds_config, precision, dtype):
+    rows = [r for r in engine_steps if r["combo"] == f"{ds_config}:{precision}"]
     assert len(rows) == 12
     assert rows[0]["zero"] == int(ds_config[-1]) and rows[0]["dtype"] == dtype
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
@@ -31,7 +36,7 @@ def test_fp16_dynamic_loss_scale_backs_off(tmp_path):
     cfg["fp16"].update(initial_scale_power=24, hysteresis=1)
     path = tmp_path / "fp16.json"
     path.write_text(json.dumps(cfg))
-    rows = steps_of(launch(["tests/workers/engine_steps.py", str(path), "fp16", "20"], env=cpu_env(fp16=True)))
+    rows = steps_of(launch(["tests/workers/engine_steps.py", "20", f"{path}:fp16"], env=cpu_env(fp16=True)))
     assert rows[0]["dtype"] == "torch.float16"
     scales = [r["scale"] for r in rows]
     assert scales[0] <= 2.0 ** 23, scales  # the first step overflowed and halved the scale
@@ -41,6 +46,6 @@ def test_fp16_dynamic_loss_scale_backs_off(tmp_path):
 
 
 def test_fp16_refused_on_cpu_without_fixture():
-    proc = launch(["tests/workers/engine_steps.py", "zero2", "fp16", "1"], check=False)
+    proc = launch(["tests/workers/engine_steps.py", "1", "zero2:fp16"], check=False)
     assert proc.returncode != 0
     assert "cannot train in fp16; use --bf16 or --fp32 instead" in proc.stdout + proc.stderr

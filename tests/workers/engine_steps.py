@@ -1,7 +1,10 @@
-"""Rank worker for test_engine.py: build a real engine with bertscale.engine.build and step it.
+"""Rank worker for test_engine.py: build real engines with bertscale.engine.build and step them.
+
+    engine_steps.py STEPS DS_CONFIG:PRECISION...
 
 Trains BertForQuestionAnswering (tiny preset) on one fixed random batch, so the loss must fall,
-and prints one JSON line per step from rank 0: loss, loss scale, skipped steps.
+and prints one JSON line per step from rank 0: combo, loss, loss scale, skipped steps. Several
+combos share one launch because starting 2 ranks costs ~15 s on 2 cores.
 """
 import json
 import sys
@@ -19,8 +22,7 @@ class FixedBatchQA(Task):
         return AutoModelForQuestionAnswering
 
 
-def main(ds_config: str, precision: str, steps: int):
-    dist.setup()
+def train(ds_config: str, precision: str, steps: int):
     torch.manual_seed(0)
     run = RunConfig(model="tiny", ds_config=ds_config, precision=precision, learning_rate=2e-3,
                     micro_batch_size=4, warmup_ratio=0.0, gradient_checkpointing=True)
@@ -35,13 +37,20 @@ def main(ds_config: str, precision: str, steps: int):
         engine.step()
         if dist.is_main():
             scale = engine.optimizer.loss_scale if precision == "fp16" else None
-            print("STEP " + json.dumps({"loss": out.loss.item(), "scale": scale, "skipped": engine.skipped_steps,
+            print("STEP " + json.dumps({"combo": f"{ds_config}:{precision}", "loss": out.loss.item(), "scale": scale, "skipped": engine.skipped_steps,
                                         "zero": engines.zero_stage(cfg),
                                         "dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
+
+
+def main(steps: int, combos: list[str]):
+    dist.setup()
+    for combo in combos:
+        ds_config, precision = combo.rsplit(":", 1)
+        train(ds_config, precision, steps)
     dist.teardown()
     dist.exit_process(0)  # see its docstring: finalization can abort a finished rank
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
-    main(args[0], args[1], int(args[2]))
+    main(int(args[0]), args[1:])
