@@ -47,7 +47,8 @@ def test_fp16_loss_scale_backs_off_on_gpu(tmp_path):
 
 @pytest.mark.parametrize("ds_config,precision", [("zero2", "bf16"), ("zero3", "bf16"), ("zero3", "fp16")])
 def test_zero_with_activation_checkpointing_learns(ds_config, precision):
-    rows = steps_of(launch(["tests/workers/engine_steps.py", "12", f"{ds_config}:{precision}"], ranks=1, env=gpu_env()))
+    rows = steps_of(launch(["tests/workers/engine_steps.py", "12", f"{ds_config}:{precision}"], ranks=1,
+                           env=gpu_env()))
     assert rows[0]["zero"] == int(ds_config[-1])
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
 
