@@ -9,7 +9,7 @@ alike; the medians and their ratios are printed and written as JSON.
     python benchmarks/squad_throughput.py                     # MiniLM, b16, seq 384, 8 steps, 2 repeats
     python benchmarks/squad_throughput.py --max-steps 20 --repeats 3 --json results.json
     # issue #8's acceptance setting: one epoch of 2000 questions (128 steps), F1 on 1000 dev questions
-    python benchmarks/squad_throughput.py --max-train-samples 2000 --max-steps 128 --max-eval-samples 1000 \
+    python benchmarks/squad_throughput.py --max-train-samples 2000 --max-steps 128 --max-eval-samples 1000 \\
         --repeats 1 --json squad.json
 
 Measured per run:
