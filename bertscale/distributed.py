@@ -97,9 +97,9 @@ def exit_process(code: int = 0) -> NoReturn:
 
     Finalization destroys the gloo and DeepSpeed objects that Python still references in no set
     order, and now and then a rank that finished cleanly dies there ("terminate called without an
-    active exception", exit -6; see pytorch/pytorch PR #179291). The launcher and Slurm then see a failed
-    run, or a preempted one that is not requeued. Only processes that joined a process group end
-    this way; everything else exits normally."""
+    active exception", exit -6; see pytorch/pytorch PR #179291). The launcher and Slurm then see a
+    failed run, or a preempted one that is not requeued. Only processes that joined a process group
+    end this way; everything else exits normally."""
     if not _joined:
         sys.exit(code)
     wandb = sys.modules.get("wandb")

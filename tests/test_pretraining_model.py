@@ -20,6 +20,11 @@ def test_same_loss_and_gradients_as_the_stock_model():
     assert got.prediction_logits.shape == (int(masked.sum()), stock.config.vocab_size)
     torch.testing.assert_close(got.prediction_logits, expected.prediction_logits[masked])
     torch.testing.assert_close(got.loss, expected.loss)
+    # The parts the trainer logs: the stock model's MLM and NSP cross-entropies.
+    torch.testing.assert_close(got.mlm_loss, torch.nn.functional.cross_entropy(
+        expected.prediction_logits[masked], batch["labels"][masked]))
+    torch.testing.assert_close(got.nsp_loss, torch.nn.functional.cross_entropy(
+        expected.seq_relationship_logits, batch["next_sentence_label"]))
     expected.loss.backward()
     got.loss.backward()
     stock_grads = dict(stock.named_parameters())

@@ -135,13 +135,8 @@ class PretrainingTask(Task):
     # --- train/eval hooks --------------------------------------------------------------------
     # The model's prediction_logits hold one row per masked token (pretraining_model.py).
     def loss_parts(self, output, batch) -> dict:
-        # Detached tensors on the model's device: the trainer reads them only when it logs.
-        device = output.prediction_logits.device
-        labels = batch["labels"].to(device)
-        nsp = F.cross_entropy(output.seq_relationship_logits.float(), batch["next_sentence_label"].to(device))
-        mlm = F.cross_entropy(output.prediction_logits.float(), labels[labels != IGNORE_INDEX], reduction="sum")
-        count = (labels != IGNORE_INDEX).sum().clamp(min=1)  # no host sync, no NaN on 0 masks
-        return {"nsp_loss": nsp.detach(), "mlm_loss": (mlm / count).detach()}
+        # The model's own parts of the loss, detached: the trainer reads them only when it logs.
+        return {"mlm_loss": output.mlm_loss.detach(), "nsp_loss": output.nsp_loss.detach()}
 
     def eval_outputs(self, output, batch) -> dict[str, list]:
         device = output.prediction_logits.device

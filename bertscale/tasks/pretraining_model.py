@@ -8,11 +8,24 @@ so checkpoints export as plain BertForPreTraining.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from transformers import BertForPreTraining
 from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
 from .masking import IGNORE_INDEX
+
+
+@dataclass
+class MaskedPreTrainingOutput(BertForPreTrainingOutput):
+    """The stock output plus the two parts of `loss`, so the trainer logs them without computing
+    the cross-entropy over [masked tokens, vocab] a second time."""
+
+    mlm_loss: Optional[torch.FloatTensor] = None
+    nsp_loss: Optional[torch.FloatTensor] = None
 
 
 class BertForPreTrainingOnMasked(BertForPreTraining):
@@ -33,9 +46,9 @@ class BertForPreTrainingOnMasked(BertForPreTraining):
         # Mean over masked tokens as the stock loss; a batch without any stays finite (0, not NaN).
         mlm_loss = (F.cross_entropy(prediction_logits.float(), labels[masked], reduction="sum")
                     / masked.sum().clamp(min=1))
-        loss = mlm_loss
+        nsp_loss = None
         if next_sentence_label is not None:
-            loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
-        return BertForPreTrainingOutput(loss=loss, prediction_logits=prediction_logits,
-                                        seq_relationship_logits=nsp_logits)
-
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+        return MaskedPreTrainingOutput(loss=mlm_loss if nsp_loss is None else mlm_loss + nsp_loss,
+                                       prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits,
+                                       mlm_loss=mlm_loss, nsp_loss=nsp_loss)
