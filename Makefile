@@ -1,5 +1,5 @@
 # make demo: virtualenv + install + a short 2-rank SQuAD fine-tune on bundled data (CPU is fine)
-# make test: virtualenv + install + the test suite (real DeepSpeed engines, real Slurm, W&B offline)
+# make test: virtualenv + install + lint (ruff) + the test suite (real DeepSpeed engines, real Slurm, W&B offline)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +14,7 @@ VENV_FLAGS := $(if $(TORCH),,--system-site-packages)
 STAMP := $(VENV)/.bertscale-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast gpu-test clean
+.PHONY: install demo lint test test-fast gpu-test clean
 
 install: $(STAMP)
 
@@ -34,10 +34,14 @@ demo: $(STAMP)
 	  --ds-config zero2 --max-seq-length 256 --doc-stride 128 --micro-batch-size 16 --learning-rate 1e-4 \
 	  --epochs 1 --log-every 5 --save-every 0 --output-dir $(DEMO_DIR) --overwrite-output-dir
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 tests
 
-test-fast: $(STAMP)
+test-fast: lint
 	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -m 'not slow and not slurm' tests
 
 gpu-test: $(STAMP)

@@ -7,6 +7,7 @@ process (an OOM inside DeepSpeed leaves the process unusable).
 
     python benchmarks/gpu_bert_large.py --train-file ../shared/data/squad/train-v1.1-reconstructed.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,26 +39,35 @@ def one(args) -> dict:
     """Run a single config in this process; returns its measurements."""
     import torch
 
-    from bertscale import data, distributed as dist, engine as engines, models
-    from bertscale.config import RunConfig
-    from bertscale.tasks.squad import SquadTask
+    from bertscale import data, ds_config, models, tasks
+    from bertscale import distributed as dist
+    from bertscale import engine as engines
     from bertscale.tracking import flops_per_token
 
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.setup()
-    run = RunConfig(model=args.model, train_file=args.train_file, max_train_samples=args.examples,
-                    max_seq_length=384, micro_batch_size=args.micro_batch, ds_config=f"zero{args.stage}",
-                    precision=args.precision, gradient_checkpointing=args.checkpointing, learning_rate=3e-5,
-                    preprocessing_workers=8)
-    tokenizer = models.load_tokenizer(run.model)
-    task = SquadTask(run, tokenizer)
+    run = tasks.make_run(
+        "squad",
+        model=args.model,
+        train_file=args.train_file,
+        max_train_samples=args.examples,
+        max_seq_length=384,
+        micro_batch_size=args.micro_batch,
+        ds_config=f"zero{args.stage}",
+        precision=args.precision,
+        gradient_checkpointing=args.checkpointing,
+        learning_rate=3e-5,
+        preprocessing_workers=8,
+    )
+    tokenizer = models.load_tokenizer(run.model.model)
+    task = tasks.build(run, tokenizer)
     feats = task.train_features()
     lengths = task.lengths(feats)
     steps = args.warmup + args.steps
-    engine, cfg = engines.build(run, task, 1, total_steps=steps)
+    cfg = ds_config.fill_schedule(engines.resolve_config(run.optim, 1), run.optim, steps)
+    engine = engines.build(run.model, run.optim.weight_decay, task, cfg)
     batches = data.train_batches(lengths, args.micro_batch, 1, 0, seed=0, epoch=0)
     assert len(batches) >= steps, f"need {steps} batches, have {len(batches)}; raise --examples"
-    from bertscale.trainer import rows_of
 
     tokens = samples = flops = 0
     torch.cuda.reset_peak_memory_stats()
@@ -66,7 +76,7 @@ def one(args) -> dict:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             tokens = samples = flops = 0
-        batch = task.collate(rows_of(feats, batches[i]))
+        batch = task.collate(data.rows_of(feats, batches[i]))
         real = int(batch["attention_mask"].sum())
         tokens += real
         samples += batch["input_ids"].shape[0]
@@ -77,10 +87,19 @@ def one(args) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tflops = flops / dt / 1e12
-    return {"precision": args.precision, "zero": args.stage, "checkpointing": args.checkpointing,
-            "micro_batch": args.micro_batch, "samples_per_s": samples / dt, "real_tokens_per_s": tokens / dt,
-            "tflops": tflops, "mfu": tflops / args.peak_tflops, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "skipped_steps": engine.skipped_steps, "loss": out.loss.item()}
+    return {
+        "precision": args.precision,
+        "zero": args.stage,
+        "checkpointing": args.checkpointing,
+        "micro_batch": args.micro_batch,
+        "samples_per_s": samples / dt,
+        "real_tokens_per_s": tokens / dt,
+        "tflops": tflops,
+        "mfu": tflops / args.peak_tflops,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "skipped_steps": engine.skipped_steps,
+        "loss": out.loss.item(),
+    }
 
 
 def sweep(args):
@@ -90,10 +109,29 @@ def sweep(args):
         precision, stage, ckpt = spec.split(":")
         best = None
         for mb in [int(x) for x in args.micro_batches.split(",")]:
-            cmd = [sys.executable, __file__, "--one", "--model", model, "--train-file", args.train_file,
-                   "--precision", precision, "--stage", stage[-1], "--micro-batch", str(mb),
-                   "--examples", str(args.examples), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--peak-tflops", str(args.peak_tflops)] + (["--checkpointing"] if ckpt == "ckpt" else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                "--model",
+                model,
+                "--train-file",
+                args.train_file,
+                "--precision",
+                precision,
+                "--stage",
+                stage[-1],
+                "--micro-batch",
+                str(mb),
+                "--examples",
+                str(args.examples),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--peak-tflops",
+                str(args.peak_tflops),
+            ] + (["--checkpointing"] if ckpt == "ckpt" else [])
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -104,9 +142,12 @@ def sweep(args):
                     print(proc.stderr[-3000:], file=sys.stderr)
                 break
             r = json.loads(line[0][7:])
-            print(f"{spec} mb={mb}: {r['samples_per_s']:.1f} samples/s, {r['real_tokens_per_s']:.0f} tok/s, "
-                  f"{r['tflops']:.1f} TFLOP/s, MFU {r['mfu']:.1%}, peak {r['peak_mem_gib']:.1f} GiB "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{spec} mb={mb}: {r['samples_per_s']:.1f} samples/s, {r['real_tokens_per_s']:.0f} tok/s, "
+                f"{r['tflops']:.1f} TFLOP/s, MFU {r['mfu']:.1%}, peak {r['peak_mem_gib']:.1f} GiB "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
             results.append(r)
             best = r
         if best:
@@ -119,8 +160,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-file", default=str(ROOT.parent / "shared/data/squad/train-v1.1-reconstructed.json"))
     p.add_argument("--vocab", default=str(ROOT.parent / "shared/data/vocab/bert-base-cased-vocab.txt"))
-    p.add_argument("--configs", default="fp16:zero2:ckpt,fp16:zero2:nockpt,bf16:zero2:ckpt,bf16:zero2:nockpt,"
-                   "bf16:zero3:ckpt,fp16:zero3:nockpt")
+    p.add_argument(
+        "--configs",
+        default="fp16:zero2:ckpt,fp16:zero2:nockpt,bf16:zero2:ckpt,bf16:zero2:nockpt,bf16:zero3:ckpt,fp16:zero3:nockpt",
+    )
     p.add_argument("--micro-batches", default="16,32,64,128")
     p.add_argument("--examples", type=int, default=6000, help="SQuAD questions to tokenise")
     p.add_argument("--steps", type=int, default=15)

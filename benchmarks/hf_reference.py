@@ -6,6 +6,7 @@ SQuAD v1.1 script. Run by squad_throughput.py; prints one line `RESULT {json}`.
     python benchmarks/hf_reference.py --model DIR --train-file T.json --eval-file D.json \\
         --max-train-samples 128 --max-eval-samples 100 --max-steps 8 --output-dir /tmp/hf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,34 @@ def load_squad(path: str, limit: int):
     for article in raw["data"]:
         for para in article["paragraphs"]:
             for qa in para["qas"]:
-                rows.append({"id": qa["id"], "title": article["title"], "context": para["context"],
-                             "question": qa["question"],
-                             "answers": {"text": [a["text"] for a in qa["answers"]],
-                                         "answer_start": [a["answer_start"] for a in qa["answers"]]}})
+                rows.append(
+                    {
+                        "id": qa["id"],
+                        "title": article["title"],
+                        "context": para["context"],
+                        "question": qa["question"],
+                        "answers": {
+                            "text": [a["text"] for a in qa["answers"]],
+                            "answer_start": [a["answer_start"] for a in qa["answers"]],
+                        },
+                    }
+                )
     return Dataset.from_list(rows[:limit]), raw
 
 
 def prepare_train_features(examples, tokenizer, max_len, stride):
     """run_qa.py's prepare_train_features (pad_on_right models)."""
     examples["question"] = [q.lstrip() for q in examples["question"]]
-    enc = tokenizer(examples["question"], examples["context"], truncation="only_second", max_length=max_len,
-                    stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    enc = tokenizer(
+        examples["question"],
+        examples["context"],
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
     sample_map = enc.pop("overflow_to_sample_mapping")
     offsets_all = enc.pop("offset_mapping")
     enc["start_positions"], enc["end_positions"] = [], []
@@ -75,8 +92,16 @@ def prepare_train_features(examples, tokenizer, max_len, stride):
 def prepare_validation_features(examples, tokenizer, max_len, stride):
     """run_qa.py's prepare_validation_features."""
     examples["question"] = [q.lstrip() for q in examples["question"]]
-    enc = tokenizer(examples["question"], examples["context"], truncation="only_second", max_length=max_len,
-                    stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    enc = tokenizer(
+        examples["question"],
+        examples["context"],
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
     sample_map = enc.pop("overflow_to_sample_mapping")
     enc["example_id"] = []
     for i in range(len(enc["input_ids"])):
@@ -97,15 +122,15 @@ def postprocess(examples, features, start_logits, end_logits, n_best=20, max_ans
         best, best_score = "", -np.inf
         for fi in by_example[ex["id"]]:
             s, e, offsets = start_logits[fi], end_logits[fi], offsets_all[fi]
-            for a in np.argsort(s)[-1:-n_best - 1:-1]:
-                for b in np.argsort(e)[-1:-n_best - 1:-1]:
+            for a in np.argsort(s)[-1 : -n_best - 1 : -1]:
+                for b in np.argsort(e)[-1 : -n_best - 1 : -1]:
                     if a >= len(offsets) or b >= len(offsets) or offsets[a] is None or offsets[b] is None:
                         continue
                     if b < a or b - a + 1 > max_answer_len:
                         continue
                     if s[a] + e[b] > best_score:
                         best_score = s[a] + e[b]
-                        best = ex["context"][offsets[a][0]:offsets[b][1]]
+                        best = ex["context"][offsets[a][0] : offsets[b][1]]
         predictions[ex["id"]] = best
     return predictions
 
@@ -115,8 +140,10 @@ def official_scores(raw_dev: dict, predictions: dict) -> dict:
     official = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(official)
     # Score only the questions that were predicted (the first N of the dev file).
-    data = [{"paragraphs": [{"qas": [qa for qa in p["qas"] if qa["id"] in predictions]} for p in a["paragraphs"]]}
-            for a in raw_dev["data"]]
+    data = [
+        {"paragraphs": [{"qas": [qa for qa in p["qas"] if qa["id"] in predictions]} for p in a["paragraphs"]]}
+        for a in raw_dev["data"]
+    ]
     return official.evaluate(data, predictions)
 
 
@@ -139,8 +166,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import datasets
-    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments,
-                              default_data_collator, set_seed)
+    from transformers import (
+        AutoModelForQuestionAnswering,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
 
     datasets.disable_caching()  # measure the tokenisation, not a cache hit
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -148,8 +181,9 @@ def main(argv=None):
 
     def train_features_of(limit):
         examples, _ = load_squad(args.train_file, limit)
-        return examples.map(prepare_train_features, batched=True, fn_kwargs=window,
-                            remove_columns=examples.column_names)
+        return examples.map(
+            prepare_train_features, batched=True, fn_kwargs=window, remove_columns=examples.column_names
+        )
 
     t = time.perf_counter()
     n_preprocessed = len(train_features_of(args.preprocess_samples))
@@ -160,17 +194,31 @@ def main(argv=None):
     set_seed(args.seed)  # before the model, as run_qa.py does: the new QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(args.model, attn_implementation="sdpa")
     training_args = TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-        max_steps=args.max_steps, learning_rate=args.learning_rate, weight_decay=0.01, warmup_steps=0.1,
-        max_grad_norm=1.0, adam_epsilon=1e-6, seed=args.seed, logging_steps=args.log_every, save_strategy="no", report_to=[],
-        deepspeed=json.loads(ZERO2.read_text()), use_cpu=False)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_features,
-                      data_collator=default_data_collator)
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=0.01,
+        warmup_steps=0.1,
+        max_grad_norm=1.0,
+        adam_epsilon=1e-6,
+        seed=args.seed,
+        logging_steps=args.log_every,
+        save_strategy="no",
+        report_to=[],
+        deepspeed=json.loads(ZERO2.read_text()),
+        use_cpu=False,
+    )
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_features, data_collator=default_data_collator
+    )
     train_metrics = trainer.train().metrics
 
     t = time.perf_counter()
-    eval_features = eval_examples.map(prepare_validation_features, batched=True, fn_kwargs=window,
-                                      remove_columns=eval_examples.column_names)
+    eval_features = eval_examples.map(
+        prepare_validation_features, batched=True, fn_kwargs=window, remove_columns=eval_examples.column_names
+    )
     eval_preprocess_s = time.perf_counter() - t
     t = time.perf_counter()
     model_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
@@ -179,12 +227,19 @@ def main(argv=None):
     scores = official_scores(raw_dev, predictions)
     eval_s = time.perf_counter() - t
 
-    result = {"train_samples_per_s": train_metrics["train_samples_per_second"],
-              "train_features": len(train_features), "preprocess_features_per_s": n_preprocessed / preprocess_s,
-              "eval_examples": len(eval_examples), "eval_features": len(eval_features),
-              "eval_examples_per_s": len(eval_examples) / eval_s, "eval_preprocess_s": eval_preprocess_s,
-              "f1": scores["f1"], "exact_match": scores["exact_match"], "steps": args.max_steps,
-              "loss_history": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
+    result = {
+        "train_samples_per_s": train_metrics["train_samples_per_second"],
+        "train_features": len(train_features),
+        "preprocess_features_per_s": n_preprocessed / preprocess_s,
+        "eval_examples": len(eval_examples),
+        "eval_features": len(eval_features),
+        "eval_examples_per_s": len(eval_examples) / eval_s,
+        "eval_preprocess_s": eval_preprocess_s,
+        "f1": scores["f1"],
+        "exact_match": scores["exact_match"],
+        "steps": args.max_steps,
+        "loss_history": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 

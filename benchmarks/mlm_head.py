@@ -8,6 +8,7 @@ what 15% masking gives), alternating step by step so machine noise hits both ali
 median step time (forward + backward), the peak activation memory of one step, the ratio, and
 the largest loss difference (which should be rounding only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import statistics
 import time
 
 import torch
+from activation_memory import load_model_config, resolve
 from transformers import BertForPreTraining
 
-from activation_memory import load_model_config, resolve
 from bertscale import memory_model
 from bertscale.tasks.pretraining_model import BertForPreTrainingOnMasked
 
@@ -58,8 +59,7 @@ def main(argv=None):
     times = {name: [] for name in models}
     loss_diff = 0.0
     for step in range(args.steps + 1):  # step 0 warms up both and is not timed
-        batch = memory_model.synthetic_batch(config, args.seq_len, args.micro_batch, "pretrain", args.device,
-                                             seed=step)
+        batch = memory_model.synthetic_batch(config, args.seq_len, args.micro_batch, "pretrain", args.device, seed=step)
         losses = []
         for name, m in models.items():
             torch.manual_seed(step)  # the same dropout masks for both
@@ -72,14 +72,18 @@ def main(argv=None):
 
     batch = memory_model.synthetic_batch(config, args.seq_len, args.micro_batch, "pretrain", args.device)
     peaks = {name: memory_model.measure_step_peak(m, batch) for name, m in models.items()}
-    print(f"{args.model}, seq {args.seq_len}, micro batch {args.micro_batch}, {args.precision} on {args.device}, "
-          f"{args.steps} alternating steps")
+    print(
+        f"{args.model}, seq {args.seq_len}, micro batch {args.micro_batch}, {args.precision} on {args.device}, "
+        f"{args.steps} alternating steps"
+    )
     print(f"{'':<26}{'median step s':>14}{'peak activations MiB':>22}")
     for name in models:
         print(f"{name:<26}{statistics.median(times[name]):>14.3f}{peaks[name] / 2**20:>22.1f}")
     (s_name, o_name) = models
-    print(f"speedup {statistics.median(times[s_name]) / statistics.median(times[o_name]):.2f}x, "
-          f"activation memory {peaks[o_name] / peaks[s_name]:.2f}x, largest loss difference {loss_diff:.2e}")
+    print(
+        f"speedup {statistics.median(times[s_name]) / statistics.median(times[o_name]):.2f}x, "
+        f"activation memory {peaks[o_name] / peaks[s_name]:.2f}x, largest loss difference {loss_diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

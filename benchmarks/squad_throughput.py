@@ -21,10 +21,10 @@ Measured per run:
   peak RSS                largest resident memory of the run's process (wait4)
   F1 / EM                 on the first --max-eval-samples dev questions after the same steps
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import socket
@@ -37,8 +37,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BERTSCALE_SHARED", ROOT.parent / "shared")) / "data" / "squad"
-METRICS = ("train_samples_per_s", "eval_examples_per_s", "preprocess_features_per_s", "peak_rss_gib", "f1",
-           "exact_match")
+METRICS = (
+    "train_samples_per_s",
+    "eval_examples_per_s",
+    "preprocess_features_per_s",
+    "peak_rss_gib",
+    "f1",
+    "exact_match",
+)
 
 
 def default_model() -> str:
@@ -52,38 +58,62 @@ def bertscale_worker(args) -> dict:
     after the last step (the model in memory, as HF's trainer.predict has it)."""
     sys.path.insert(0, str(ROOT))
     from bertscale import models, tasks
-    from bertscale.config import RunConfig
     from bertscale.trainer import train
 
     out = Path(args.output_dir)
-    run = RunConfig(model=args.model, output_dir=str(out), task="squad", train_file=args.train_file,
-                    eval_file=args.eval_file, max_train_samples=args.max_train_samples,
-                    max_eval_samples=args.max_eval_samples, max_seq_length=args.max_seq_length,
-                    doc_stride=args.doc_stride, preprocessing_workers=1, eval_batch_size=64, seed=args.seed,
-                    wandb_mode="disabled", micro_batch_size=args.batch_size, grad_accum=1, max_steps=args.max_steps,
-                    learning_rate=args.learning_rate, ds_config="zero2", save_every=0, log_every=1,
-                    group_by_length=not args.no_group_by_length)
+    flags = dict(
+        model=args.model,
+        output_dir=str(out),
+        train_file=args.train_file,
+        eval_file=args.eval_file,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        max_seq_length=args.max_seq_length,
+        doc_stride=args.doc_stride,
+        preprocessing_workers=1,
+        eval_batch_size=64,
+        seed=args.seed,
+        wandb_mode="disabled",
+        micro_batch_size=args.batch_size,
+        grad_accum=1,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        ds_config="zero2",
+        save_every=0,
+        log_every=1,
+        group_by_length=not args.no_group_by_length,
+    )
+    run = tasks.make_run("squad", **flags)
 
     # Imports and the tokenizer load stay outside the timing, as on the HF side.
     import datasets  # noqa: F401
-    tokenizer = models.load_tokenizer(run.model)
+
+    tokenizer = models.load_tokenizer(run.model.model)
     t = time.perf_counter()
-    timing_run = dataclasses.replace(run, max_train_samples=args.preprocess_samples)
-    n_preprocessed = len(tasks.get("squad")(timing_run, tokenizer).train_features())
+    timing_run = tasks.make_run("squad", **{**flags, "max_train_samples": args.preprocess_samples})
+    n_preprocessed = len(tasks.build(timing_run, tokenizer).train_features())
     preprocess_s = time.perf_counter() - t
 
-    final = train(run, "squad")
+    final = train(run)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
     train_s = sum(args.batch_size / r for r in rates)  # one row per step (log_every=1)
     evals = [r for r in rows if "eval_seconds" in r]
     losses = [r["loss"] for r in rows if "samples_per_s" in r]  # one per step
-    history = [[end, statistics.fmean(losses[end - args.log_every:end])]
-               for end in range(args.log_every, len(losses) + 1, args.log_every)]
-    return {"train_samples_per_s": len(rates) * args.batch_size / train_s,
-            "preprocess_features_per_s": n_preprocessed / preprocess_s,
-            "eval_examples_per_s": evals[-1]["eval_examples_per_s"], "eval_s": evals[-1]["eval_seconds"],
-            "f1": final["f1"], "exact_match": final["exact_match"], "steps": len(rates), "loss_history": history}
+    history = [
+        [end, statistics.fmean(losses[end - args.log_every : end])]
+        for end in range(args.log_every, len(losses) + 1, args.log_every)
+    ]
+    return {
+        "train_samples_per_s": len(rates) * args.batch_size / train_s,
+        "preprocess_features_per_s": n_preprocessed / preprocess_s,
+        "eval_examples_per_s": evals[-1]["eval_examples_per_s"],
+        "eval_s": evals[-1]["eval_seconds"],
+        "f1": final["f1"],
+        "exact_match": final["exact_match"],
+        "steps": len(rates),
+        "loss_history": history,
+    }
 
 
 def free_port() -> int:
@@ -95,20 +125,55 @@ def free_port() -> int:
 def run_side(side: str, args, workdir: Path) -> dict:
     """Run one side in a fresh process; returns its RESULT plus the process's peak RSS."""
     out = workdir / "out"
-    common = ["--model", args.model, "--train-file", args.train_file, "--eval-file", args.eval_file,
-              "--max-train-samples", str(args.max_train_samples), "--max-eval-samples", str(args.max_eval_samples),
-              "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
-              "--max-seq-length", str(args.max_seq_length), "--doc-stride", str(args.doc_stride),
-              "--learning-rate", str(args.learning_rate), "--preprocess-samples", str(args.preprocess_samples),
-              "--seed", str(args.seed), "--log-every", str(args.log_every), "--output-dir", str(out)]
+    common = [
+        "--model",
+        args.model,
+        "--train-file",
+        args.train_file,
+        "--eval-file",
+        args.eval_file,
+        "--max-train-samples",
+        str(args.max_train_samples),
+        "--max-eval-samples",
+        str(args.max_eval_samples),
+        "--max-steps",
+        str(args.max_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-seq-length",
+        str(args.max_seq_length),
+        "--doc-stride",
+        str(args.doc_stride),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--preprocess-samples",
+        str(args.preprocess_samples),
+        "--seed",
+        str(args.seed),
+        "--log-every",
+        str(args.log_every),
+        "--output-dir",
+        str(out),
+    ]
     script = Path(__file__).parent / ("hf_reference.py" if side == "hf" else "squad_throughput.py")
     cmd = [sys.executable, str(script), *common]
     if side == "bertscale":
         cmd += ["--worker"] + (["--no-group-by-length"] if args.no_group_by_length else [])
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(workdir / "datasets"), "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(workdir / "datasets"),
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "log.txt"
     start = time.perf_counter()
@@ -119,8 +184,10 @@ def run_side(side: str, args, workdir: Path) -> dict:
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} run failed (exit {proc.returncode}); log: {log}\n" + "\n".join(text.splitlines()[-30:]))
-    result = json.loads(lines[-1][len("RESULT "):])
+        raise SystemExit(
+            f"{side} run failed (exit {proc.returncode}); log: {log}\n" + "\n".join(text.splitlines()[-30:])
+        )
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["peak_rss_gib"] = usage.ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
     result["wall_s"] = time.perf_counter() - start
     return result
@@ -142,16 +209,26 @@ def print_losses(results: dict) -> None:
 
 
 def print_table(results: dict, summary: dict) -> None:
-    names = {"train_samples_per_s": "train samples/s", "eval_examples_per_s": "eval examples/s",
-             "preprocess_features_per_s": "preprocess features/s", "peak_rss_gib": "peak RSS GiB",
-             "f1": "F1", "exact_match": "EM"}
+    names = {
+        "train_samples_per_s": "train samples/s",
+        "eval_examples_per_s": "eval examples/s",
+        "preprocess_features_per_s": "preprocess features/s",
+        "peak_rss_gib": "peak RSS GiB",
+        "f1": "F1",
+        "exact_match": "EM",
+    }
     print(f"\n{'median of ' + str(len(results['hf'])) + ' runs':<24}{'bertscale':>12}{'HF Trainer':>12}{'ratio':>8}")
     for k in METRICS:
         print(f"{names[k]:<24}{summary['bertscale'][k]:>12.3f}{summary['hf'][k]:>12.3f}{summary['ratio'][k]:>8.2f}")
     for side, runs in results.items():
-        print(f"{side} per run: " + "; ".join(
-            f"train {r['train_samples_per_s']:.2f}/s eval {r['eval_examples_per_s']:.2f}/s F1 {r['f1']:.1f} "
-            f"wall {r['wall_s']:.0f}s" for r in runs))
+        print(
+            f"{side} per run: "
+            + "; ".join(
+                f"train {r['train_samples_per_s']:.2f}/s eval {r['eval_examples_per_s']:.2f}/s F1 {r['f1']:.1f} "
+                f"wall {r['wall_s']:.0f}s"
+                for r in runs
+            )
+        )
 
 
 def parse_args(argv=None):
@@ -170,8 +247,11 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="Runs per side, alternating.")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--log-every", type=int, default=16, help="Steps per training-loss mean in the loss table.")
-    ap.add_argument("--no-group-by-length", action="store_true",
-                    help="bertscale without length-grouped batches (a control: padding per batch only).")
+    ap.add_argument(
+        "--no-group-by-length",
+        action="store_true",
+        help="bertscale without length-grouped batches (a control: padding per batch only).",
+    )
     ap.add_argument("--keep", default=None, help="Keep each run's directory and log.txt under this folder.")
     ap.add_argument("--json", default=None, help="Also write every run and the medians here.")
     ap.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
@@ -194,8 +274,10 @@ def main(argv=None):
             for side in ("bertscale", "hf"):
                 r = run_side(side, args, Path(tmp) / f"{side}{i}")
                 results[side].append(r)
-                print(f"[{side} #{i + 1}] " + json.dumps({k: round(v, 3) for k, v in r.items()
-                                                          if isinstance(v, float)}), flush=True)
+                print(
+                    f"[{side} #{i + 1}] " + json.dumps({k: round(v, 3) for k, v in r.items() if isinstance(v, float)}),
+                    flush=True,
+                )
     summary = summarize(results)
     print_losses(results)
     print_table(results, summary)

@@ -3,6 +3,7 @@
 Runs as `bertscale ...`, `python -m bertscale ...` and `deepspeed bertscale/cli.py ...` (the
 launcher puts --local_rank=N before the subcommand, so the group accepts it).
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,54 +14,12 @@ if __package__ in (None, ""):  # run as a file by the deepspeed launcher: import
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
 
-import dataclasses
 import os
-import typing
 
 import click
 
-from bertscale.config import RunConfig, fields_for
+from bertscale.cli_options import RunCommand, predict_options
 from bertscale.errors import PreemptedExit, UserError
-
-
-def _click_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    return {int: int, float: float, str: str, bool: bool, tuple: str}.get(base, str), base
-
-
-def run_options(command: str):
-    """Click options for every RunConfig field exposed by `command` (help + default shown)."""
-    hints = typing.get_type_hints(RunConfig)
-
-    def decorate(fn):
-        for f in reversed(fields_for(command)):
-            flag = "--" + f.name.replace("_", "-")
-            envvar = f"BERTSCALE_{f.name.upper()}"
-            ctype, base = _click_type(hints[f.name])
-            extra = dict(f.metadata.get("click", {}))
-            choices = extra.pop("type_choices", None)
-            if f.name == "precision":
-                for p in reversed(choices):
-                    fn = click.option(f"--{p}", "precision", flag_value=p,
-                                      help=f"Train in {p} (default: as --ds-config says; fp16 on GPU, fp32 on CPU "
-                                      "when it says \"auto\").")(fn)
-                continue
-            if base is bool:
-                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, envvar=envvar,
-                                  show_default=True, help=f.metadata["help"])(fn)
-                continue
-            fn = click.option(flag, f.name, type=click.Choice(choices) if choices else ctype, default=f.default,
-                              envvar=envvar, show_default=True, show_envvar=False, help=f.metadata["help"],
-                              **extra)(fn)
-        return fn
-
-    return decorate
-
-
-def make_run(**kwargs) -> RunConfig:
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in kwargs.items() if k in names})
 
 
 class CleanErrors(click.Group):
@@ -88,58 +47,51 @@ class CleanErrors(click.Group):
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, expose_value=True,
-              help="Set by the deepspeed launcher; you do not pass it yourself.")
+@click.option(
+    "--local_rank",
+    "--local-rank",
+    "local_rank",
+    type=int,
+    default=None,
+    expose_value=True,
+    help="Set by the deepspeed launcher; you do not pass it yourself.",
+)
 def main(local_rank):
     """Train BERT at scale with DeepSpeed: SQuAD/classification fine-tuning and MLM/NSP pretraining."""
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
-@main.command()
-@run_options("finetune")
-def finetune(**kw):
-    """Fine-tune BERT on SQuAD v1.1/v2.0 or a classification task."""
+@main.command(cls=RunCommand, command_key="finetune")
+def finetune(run):
+    """Fine-tune BERT on SQuAD v1.1/v2.0, a classification task, or your own task (--task file.py:Class)."""
     from bertscale.trainer import train
 
-    run = make_run(**kw)
-    train(run, run.task)
+    train(run)
 
 
-@main.command()
-@run_options("pretrain")
-def pretrain(**kw):
+@main.command(cls=RunCommand, command_key="pretrain", fixed_task="pretrain")
+def pretrain(run):
     """Continue BERT's MLM + NSP pretraining on your text."""
     from bertscale.trainer import train
 
-    kw.setdefault("task", "pretrain")
-    train(make_run(**kw), "pretrain")
+    train(run)
 
 
-@main.command()
-@run_options("evaluate")
-def evaluate(**kw):
+@main.command(cls=RunCommand, command_key="evaluate")
+def evaluate(run):
     """Evaluate a trained model (HF dir) without training; writes eval_results.json."""
     from bertscale.evaluation import evaluate_model
 
-    evaluate_model(make_run(**kw))
+    evaluate_model(run)
 
 
-@main.command()
-@click.option("--model", required=True, help="Exported model directory (e.g. OUTPUT_DIR/final).")
-@click.option("--question", default=None, help="SQuAD models: the question.")
-@click.option("--context", default=None, help="SQuAD models: the passage to find the answer in.")
-@click.option("--text", default=None, help="Classification models: the text.")
-@click.option("--text-pair", default=None, help="Classification models: the second text of a pair.")
-@click.option("--max-seq-length", default=384, show_default=True, help="Tokens per window.")
-@click.option("--squad-v2/--no-squad-v2", default=False, show_default=True,
-              help="SQuAD models: may answer '' (no answer) as SQuAD v2.0 models do.")
-def predict(model, question, context, text, text_pair, max_seq_length, squad_v2):
-    """Answer one question, or classify one text, with an exported model."""
+@main.command(cls=RunCommand, command_key="predict", options=predict_options)
+def predict(model, task, max_seq_length, **inputs):
+    """Answer one question, classify one text, or run your own task's prediction with an exported model."""
     from bertscale.prediction import predict as run_predict
 
-    run_predict(model, question=question, context=context, text=text, text_pair=text_pair,
-                max_seq_length=max_seq_length, squad_v2=squad_v2)
+    click.echo(run_predict(model, task, inputs, max_seq_length))
 
 
 @main.command()
@@ -163,11 +115,19 @@ def export(checkpoint, output):
 @click.option("--global-batch", default=32, type=int, help="Target global batch (sets accumulation).")
 @click.option("--precision", default="fp16", type=click.Choice(["fp16", "bf16", "fp32"]), help="Training precision.")
 @click.option("--output", default=None, help="Write the recommended DeepSpeed JSON here.")
-@click.option("--task", type=click.Choice(["squad", "pretrain"]), default="squad",
-              help="Head whose parameters and activations are planned; pretrain needs --total-steps.")
-@click.option("--total-steps", type=int, default=None,
-              help="LR schedule length written to --output (default: 2 epochs of SQuAD v1.1 train at the "
-              "planned global batch).")
+@click.option(
+    "--task",
+    default=None,
+    help="Task whose head is planned: squad (default), squad_v2, classify, "
+    "glue:NAME, pretrain (pretrain needs --total-steps).",
+)
+@click.option(
+    "--total-steps",
+    type=int,
+    default=None,
+    help="LR schedule length written to --output (default: 2 epochs of the task's usual data set at "
+    "the planned global batch).",
+)
 def plan(**kw):
     """Predict memory per GPU for ZeRO-2/3/offload and recommend a DeepSpeed config."""
     from bertscale.plan import plan_command

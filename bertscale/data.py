@@ -1,21 +1,27 @@
 """Which rows go into which batch on which rank: length-grouped, deterministic, resumable.
 
 Batches are a pure function of (seed, epoch, lengths, sizes), so a resumed run rebuilds the same
-order and skips the batches it already did; no sampler state needs saving.
+order and skips the batches it already did; no sampler state needs saving. Also: how many steps
+a run takes (plan_steps), which is where a data set smaller than one batch is refused.
 """
+
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import distributed as dist
+from .errors import UserError
 
 GROUP_CHUNK = 64  # global batches per sort chunk: long enough to group lengths, short enough to stay random
 
 
-def train_batches(lengths, micro: int, world: int, rank: int, seed: int, epoch: int,
-                  group_by_length: bool = True) -> list[list[int]]:
+def train_batches(
+    lengths, micro: int, world: int, rank: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
     """This rank's micro batches for one epoch.
 
     Every rank computes the same global order (same seed), so ranks see equal-length batches in
@@ -37,7 +43,7 @@ def train_batches(lengths, micro: int, world: int, rank: int, seed: int, epoch: 
         batches = batches[rng.permutation(n_batches)]
     else:
         batches = order.reshape(n_batches, glob)
-    return [b[rank * micro:(rank + 1) * micro].tolist() for b in batches]
+    return [b[rank * micro : (rank + 1) * micro].tolist() for b in batches]
 
 
 def eval_batches(lengths, batch_size: int, world: int, rank: int) -> list[list[int]]:
@@ -47,7 +53,7 @@ def eval_batches(lengths, batch_size: int, world: int, rank: int) -> list[list[i
     ZeRO-3 each forward pass is a collective that all ranks must join.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     mine = batches[rank::world]
     per_rank = -(-len(batches) // world)
     return mine + [[] for _ in range(per_rank - len(mine))]
@@ -77,3 +83,57 @@ def stream_batches(dataset, micro: int, world: int, rank: int, seed: int, epoch:
             return
         if i >= start:
             yield i, batch
+
+
+@dataclass
+class StepPlan:
+    steps_per_epoch: int | None  # None for a stream, which has no length
+    total_steps: int
+
+
+def plan_steps(rows: int | None, optim, world: int, description: str = "") -> StepPlan:
+    """Steps per epoch and in all, from the number of training rows (None: a stream) and the batch
+    flags (`optim`: micro batch, accumulation, epochs, max steps). A data set that does not fill
+    one optimizer step is refused here, naming what was read (`description`)."""
+    if rows is None:
+        if optim.max_steps <= 0:
+            raise UserError("--streaming: a stream has no length, so --epochs cannot be counted; pass --max-steps")
+        return StepPlan(None, optim.max_steps)
+    per_step = optim.micro_batch_size * optim.grad_accum * world
+    if rows < per_step:
+        accum = f" x --grad-accum {optim.grad_accum}" if optim.grad_accum > 1 else ""
+        raise UserError(
+            f"{description or f'{rows} training rows'}, fewer than one batch (--micro-batch-size "
+            f"{optim.micro_batch_size}{accum} x {world} processes = {per_step}). Add training data, "
+            "or lower --micro-batch-size."
+        )
+    steps_per_epoch = rows // (optim.micro_batch_size * world) // optim.grad_accum
+    total = optim.max_steps if optim.max_steps > 0 else math.ceil(optim.epochs * steps_per_epoch)
+    return StepPlan(steps_per_epoch, total)
+
+
+def epoch_batches(
+    features,
+    lengths,
+    micro: int,
+    world: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    start: int,
+    group_by_length: bool = True,
+):
+    """(batch index, rows, batches in the epoch or None) of this rank, from batch `start` on;
+    `lengths` None means `features` is a stream."""
+    if lengths is None:
+        for i, rows in stream_batches(features, micro, world, rank, seed, epoch, start):
+            yield i, rows, None
+        return
+    batches = train_batches(lengths, micro, world, rank, seed, epoch, group_by_length)
+    for i in range(start, len(batches)):
+        yield i, rows_of(features, batches[i]), len(batches)
+
+
+def rows_of(dataset, ids) -> list[dict]:
+    cols = dataset[ids]  # one columnar read is much faster than len(ids) row reads
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]

@@ -2,6 +2,7 @@
 
 Everything else asks `rank()`, `world_size()`, `is_main()` and never reads launcher env vars.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,9 @@ def _from_slurm() -> None:
 def _first_slurm_host() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -63,8 +65,13 @@ def setup(local_rank_flag: int | None = None) -> None:
     _joined = True
     _from_slurm()
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK=str(local_rank_flag or 0), WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK=str(local_rank_flag or 0),
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
     os.environ.setdefault("LOCAL_RANK", str(local_rank_flag or 0))
     backend = get_accelerator().communication_backend_name()
     if backend not in ("nccl", "gloo", "hccl", "xccl"):
@@ -73,8 +80,12 @@ def setup(local_rank_flag: int | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank())
-    print(f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {socket.gethostname()} "
-          f"backend {backend}", file=sys.stderr, flush=True)
+    print(
+        f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {socket.gethostname()} "
+        f"backend {backend}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def teardown() -> None:

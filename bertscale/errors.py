@@ -21,3 +21,9 @@ class PreemptedExit(SystemExit):
 
     def __init__(self):
         super().__init__(self.CODE)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

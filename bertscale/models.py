@@ -1,15 +1,22 @@
 """Build or load BERT models and tokenizers: hub ids, local dirs, and the `tiny` preset."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 # 2 layers, hidden 128: fast enough for 2-rank CPU tests, same code path as BERT-large.
-TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
-                   max_position_embeddings=512, type_vocab_size=2)
+TINY_CONFIG = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=512,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+)
 
 
 RANDOM_PREFIX = "random:"  # random:DIR_OR_HUB_ID = that architecture and tokenizer, fresh weights
@@ -21,7 +28,7 @@ def is_tiny(name: str) -> bool:
 
 def _source(name) -> str:
     name = str(name)
-    return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else name
+    return name[len(RANDOM_PREFIX) :] if name.startswith(RANDOM_PREFIX) else name
 
 
 def load_tokenizer(name: str):
@@ -59,8 +66,7 @@ def build_model(name: str, model_class, **overrides):
         return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     try:
         # A classifier head with another label count is re-initialised, as users expect.
-        return model_class.from_pretrained(name, config=config,
-                                           ignore_mismatched_sizes="num_labels" in overrides)
+        return model_class.from_pretrained(name, config=config, ignore_mismatched_sizes="num_labels" in overrides)
     except (OSError, ValueError) as e:
         raise UserError(_missing(name, e)) from None
 
@@ -72,10 +78,12 @@ def _tiny_vocab_size() -> int:
 
 def _missing(name: str, err: Exception) -> str:
     if os.path.isdir(name):
-        return f"--model {name}: cannot load a model from this directory ({str(err).splitlines()[0]})"
-    return (f"--model {name}: not a local directory, and the hub has no such model or is unreachable "
-            f"({str(err).splitlines()[0]}). Pass a hub id, a local model directory, 'tiny', or "
-            "random:<dir or hub id> for fresh weights.")
+        return f"--model {name}: cannot load a model from this directory ({first_line(err)})"
+    return (
+        f"--model {name}: not a local directory, and the hub has no such model or is unreachable "
+        f"({first_line(err)}). Pass a hub id, a local model directory, 'tiny', or "
+        "random:<dir or hub id> for fresh weights."
+    )
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -4,6 +4,7 @@ Model states come from DeepSpeed's own estimators (parameter counts only, so not
 GPU), activations from memory_model (checked against measurements in tests/test_plan.py). Works
 offline and without a GPU: parameters are counted on the meta device from the model's config.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ds_config, memory_model, models
-from .config import RunConfig, write_json_atomic
+from . import ds_config, memory_model, models, tasks
+from .args import OptimArgs
 from .errors import UserError
+from .files import write_json_atomic
 
 # Configs of the usual hub models, so planning works without network (vocabularies: uncased 30522, cased 28996).
 _BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -33,9 +35,8 @@ MAX_MICRO_BATCH = 32
 # Below this many sequences per forward a GPU's matrix units idle; checkpointing (about a third more
 # compute) to run a bigger micro batch is then the faster choice.
 MIN_EFFICIENT_MICRO_BATCH = 4
-HEADROOM = 0.12          # allocator fragmentation, cuBLAS/NCCL workspaces, eval batches
+HEADROOM = 0.12  # allocator fragmentation, cuBLAS/NCCL workspaces, eval batches
 CUDA_CONTEXT = 0.5 * 2**30  # taken by the driver before PyTorch allocates anything
-SQUAD_V11_TRAIN_FEATURES = 88_524  # SQuAD v1.1 train at seq 384, stride 128, BERT WordPiece
 GiB = 2**30
 
 
@@ -65,21 +66,20 @@ def load_model_config(model: str):
     return config
 
 
-def count_params(config, task: str = "squad") -> tuple[int, int]:
-    """(total parameters, parameters of the largest module), counted on the meta device."""
+def count_params(config, model_class: str = "BertForQuestionAnswering") -> tuple[int, int]:
+    """(total parameters, parameters of the largest module) of a transformers class, counted on the
+    meta device."""
     import torch
-    from transformers import BertForPreTraining, BertForQuestionAnswering
+    import transformers
 
-    model_class = BertForPreTraining if task == "pretrain" else BertForQuestionAnswering
     with torch.device("meta"):
-        model = model_class(config)
+        model = getattr(transformers, model_class)(config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
 
 
-def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: int,
-                      precision: str) -> tuple[int, int]:
+def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: int, precision: str) -> tuple[int, int]:
     """(per GPU, per node's CPU) bytes of parameters, gradients and Adam states, from DeepSpeed."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -88,14 +88,18 @@ def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: in
         cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False)
     else:
         offload = stage == "ZeRO-3+offload"
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=offload,
-                                                             cpu_offload_params=offload, zero_init=True)
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=True
+        )
     if precision == "fp32":
         # The estimators count 16-bit weights and gradients plus fp32 master weights (18 bytes a
         # parameter). In fp32 there is no 16-bit copy: 4 bytes of weights + 4 of gradients + 8 of Adam.
         world = gpus * nodes
-        gpu = {"ZeRO-2": 4 * total + 12 * total / world, "ZeRO-3": 4 * largest + 16 * total / world,
-               "ZeRO-3+offload": 4 * largest}[stage]
+        gpu = {
+            "ZeRO-2": 4 * total + 12 * total / world,
+            "ZeRO-3": 4 * largest + 16 * total / world,
+            "ZeRO-3+offload": 4 * largest,
+        }[stage]
     return int(gpu), int(cpu)
 
 
@@ -114,10 +118,10 @@ class Option:
     stage: str
     micro_batch: int
     checkpointing: bool
-    model_states: int   # per GPU
-    activations: int    # per GPU
-    buffers: int        # per GPU
-    cpu_per_node: int   # model states DeepSpeed keeps in each node's RAM
+    model_states: int  # per GPU
+    activations: int  # per GPU
+    buffers: int  # per GPU
+    cpu_per_node: int  # model states DeepSpeed keeps in each node's RAM
     fits: bool = False
 
     @property
@@ -136,69 +140,100 @@ class Plan:
     seq_len: int
     precision: str
     task: str
-    options: dict          # stage -> (largest Option without checkpointing, with checkpointing)
+    options: dict  # stage -> (largest Option without checkpointing, with checkpointing)
     choice: Option | None
     grad_accum: int = 0
     global_batch: int = 0
     ds_config: dict | None = None
 
 
-def plan(model: str, gpus: int, gpu_memory, seq_len: int, micro_batch: int | None = None, nodes: int = 1,
-         global_batch: int = 32, precision: str = "fp16", task: str = "squad",
-         total_steps: int | None = None) -> Plan:
+def plan(
+    model: str,
+    gpus: int,
+    gpu_memory,
+    seq_len: int,
+    micro_batch: int | None = None,
+    nodes: int = 1,
+    global_batch: int = 32,
+    precision: str = "fp16",
+    task: str | None = None,
+    total_steps: int | None = None,
+) -> Plan:
     """Compute the plan without printing it (see plan_command)."""
-    _check_inputs(gpus, nodes, seq_len, micro_batch, global_batch, precision, task)
+    _check_inputs(gpus, nodes, seq_len, micro_batch, global_batch, precision)
+    task = task or tasks.default_name()
+    task_cls = planned_task(task)
     memory = gpu_memory if isinstance(gpu_memory, int) else parse_memory(gpu_memory)
     config = load_model_config(model)
     if seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len}: {model} has {config.max_position_embeddings} positions at most")
-    total, largest = count_params(config, task)
+    if task_cls.plan_head == "pooled":
+        config.num_labels = 2
+    total, largest = count_params(config, task_cls.plan_model_class)
     world = gpus * nodes
     cap = min(MAX_MICRO_BATCH, global_batch // world) if micro_batch is None else micro_batch
     if cap < 1:
-        raise UserError(f"--global-batch {global_batch} is smaller than the {world} GPUs; give each GPU "
-                        f"at least one sequence (--global-batch {world} or more)")
+        raise UserError(
+            f"--global-batch {global_batch} is smaller than the {world} GPUs; give each GPU "
+            f"at least one sequence (--global-batch {world} or more)"
+        )
     shape = memory_model.BertShape.of(config)
     usable = memory * (1 - HEADROOM)
 
     def option(stage, mb, ckpt):
         gpu, cpu = model_state_bytes(stage, total, largest, gpus, nodes, precision)
-        act = memory_model.estimate(shape, seq_len, mb, precision, memory_model.CUDA, task).peak(ckpt)
+        act = memory_model.estimate(shape, seq_len, mb, precision, memory_model.CUDA, task_cls.plan_head).peak(ckpt)
         opt = Option(stage, mb, ckpt, gpu, act, buffer_bytes(stage, precision), cpu)
         opt.fits = opt.total <= usable
         return opt
 
     sizes = [cap] if micro_batch is not None else [2**k for k in range(int(math.log2(cap)), -1, -1)]
-    options = {stage: tuple(_largest_fitting(option, stage, ckpt, sizes) for ckpt in (False, True))
-               for stage in STAGES}
-    result = Plan(model, total, largest, gpus, nodes, memory, seq_len, precision, task, options,
-                  _choose(options, min(MIN_EFFICIENT_MICRO_BATCH, cap)))
+    options = {stage: tuple(_largest_fitting(option, stage, ckpt, sizes) for ckpt in (False, True)) for stage in STAGES}
+    result = Plan(
+        model,
+        total,
+        largest,
+        gpus,
+        nodes,
+        memory,
+        seq_len,
+        precision,
+        task,
+        options,
+        _choose(options, min(MIN_EFFICIENT_MICRO_BATCH, cap)),
+    )
     if result.choice:
         result.grad_accum = math.ceil(global_batch / (result.choice.micro_batch * world))
         result.global_batch = result.choice.micro_batch * world * result.grad_accum
-        steps = total_steps or _squad_steps(task, result.global_batch)
+        steps = total_steps or _default_steps(task_cls, task, result.global_batch)
         result.ds_config = ready_ds_config(result.choice, result.grad_accum, world, precision, steps)
     return result
 
 
-def _squad_steps(task: str, global_batch: int) -> int:
-    """LR schedule length for the written config: RunConfig's epochs over SQuAD v1.1 train."""
-    if task != "squad":
-        raise UserError(f"--task {task}: give --total-steps, the length of the learning-rate schedule")
-    return math.ceil(RunConfig.epochs * SQUAD_V11_TRAIN_FEATURES / global_batch)
+def planned_task(name: str):
+    """The task class whose model and head `plan` counts; refused when it declares none."""
+    cls = tasks.resolve(name)
+    if cls.plan_model_class is None:
+        known = ", ".join(n for c in tasks.builtin() if c.plan_model_class for n in c.names)
+        raise UserError(f"--task {name}: plan does not know this task's model; it knows {known}")
+    return cls
 
 
-def _check_inputs(gpus, nodes, seq_len, micro_batch, global_batch, precision, task):
-    for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--seq-len", seq_len),
-                        ("--global-batch", global_batch)):
+def _default_steps(task_cls, name: str, global_batch: int) -> int:
+    """LR schedule length for the written config: the default epochs over the task's usual data set."""
+    if task_cls.plan_rows_per_epoch is None:
+        raise UserError(f"--task {name}: give --total-steps, the length of the learning-rate schedule")
+    return math.ceil(OptimArgs.epochs * task_cls.plan_rows_per_epoch / global_batch)
+
+
+def _check_inputs(gpus, nodes, seq_len, micro_batch, global_batch, precision):
+    for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--seq-len", seq_len), ("--global-batch", global_batch)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be 1 or more")
     if micro_batch is not None and micro_batch < 1:
         raise UserError(f"--micro-batch {micro_batch}: must be 1 or more")
     if precision not in memory_model.PRECISION_BYTES:
         raise UserError(f"--precision {precision}: use fp16, bf16 or fp32")
-    if task not in ("squad", "pretrain"):
-        raise UserError(f"--task {task}: plan knows squad and pretrain")
 
 
 def _largest_fitting(option, stage, ckpt, sizes):
@@ -226,25 +261,42 @@ def _choose(options, good_micro_batch):
 def ready_ds_config(choice: Option, accum: int, world: int, precision: str, total_steps: int) -> dict:
     """The stage's preset from ds_configs/ with every "auto" filled (RunConfig's defaults for the rest)."""
     path, raw = ds_config.load(STAGE_PRESET[choice.stage])
-    run = RunConfig(micro_batch_size=choice.micro_batch, grad_accum=accum, precision=precision)
-    return ds_config.fill(path, raw, run, world, total_steps)
+    optim = OptimArgs(micro_batch_size=choice.micro_batch, grad_accum=accum, precision=precision)
+    return ds_config.fill(path, raw, optim, world, total_steps)
 
 
-def plan_command(model: str, gpus: int, gpu_memory, seq_len: int, micro_batch: int | None = None,
-                 nodes: int = 1, global_batch: int = 32, precision: str = "fp16", output: str | None = None,
-                 task: str = "squad", total_steps: int | None = None) -> Plan:
+def plan_command(
+    model: str,
+    gpus: int,
+    gpu_memory,
+    seq_len: int,
+    micro_batch: int | None = None,
+    nodes: int = 1,
+    global_batch: int = 32,
+    precision: str = "fp16",
+    output: str | None = None,
+    task: str | None = None,
+    total_steps: int | None = None,
+) -> Plan:
     """Print the memory table and the recommendation, write the DeepSpeed JSON to `output`."""
-    result = plan(model, gpus, gpu_memory, seq_len, micro_batch, nodes, global_batch, precision, task,
-                  total_steps)
+    result = plan(model, gpus, gpu_memory, seq_len, micro_batch, nodes, global_batch, precision, task, total_steps)
     print(format_plan(result, output))
     if output and result.ds_config:
         write_json_atomic(Path(output), result.ds_config)
         print(f"wrote {output}")
     if result.choice is None:
-        raise UserError(f"{model} at --seq-len {seq_len} does not fit in {_gib(result.gpu_memory)} GiB per GPU "
-                        "even with ZeRO-3+offload, micro batch 1 and checkpointing; use a shorter --seq-len, "
-                        "more GPUs, or GPUs with more memory")
+        raise UserError(
+            f"{model} at --seq-len {seq_len} does not fit in {_gib(result.gpu_memory)} GiB per GPU "
+            "even with ZeRO-3+offload, micro batch 1 and checkpointing; use a shorter --seq-len, "
+            "more GPUs, or GPUs with more memory"
+        )
     return result
+
+
+def _command_line(task: str) -> str:
+    """How to train what was planned: the command that runs the task (pretrain has its own)."""
+    command = tasks.resolve(task).command
+    return f"bertscale {command}" + (f" --task {task}" if command == "finetune" else "")
 
 
 def _gib(n: int) -> str:
@@ -268,7 +320,8 @@ def format_plan(p: Plan, output: str | None = None) -> str:
                 f"{stage:<16}{'on' if opt.checkpointing else 'off':>5}{opt.micro_batch:>7}"
                 f"{_gib(opt.model_states):>14}{_gib(opt.activations):>13}{_gib(opt.buffers):>12}"
                 f"{_gib(int(CUDA_CONTEXT)):>10}{_gib(opt.total):>8}  {'yes' if opt.fits else 'NO ':<4}"
-                f"  {_gib(opt.cpu_per_node):>12} {mark}".rstrip())
+                f"  {_gib(opt.cpu_per_node):>12} {mark}".rstrip()
+            )
     c = p.choice
     if c is None:
         return "\n".join(lines)
@@ -278,7 +331,7 @@ def format_plan(p: Plan, output: str | None = None) -> str:
         f"recommended: {c.stage}, micro batch {c.micro_batch}, gradient accumulation {p.grad_accum} "
         f"-> global batch {p.global_batch} ({c.micro_batch} x {p.grad_accum} x {world} GPUs), "
         f"activation checkpointing {'on' if c.checkpointing else 'off'}, {p.precision}",
-        f"  bertscale {'pretrain' if p.task == 'pretrain' else 'finetune'} --model {p.model} "
+        f"  {_command_line(p.task)} --model {p.model} "
         f"--max-seq-length {p.seq_len} --ds-config {output or 'PLAN.json'} --micro-batch-size {c.micro_batch} "
         f"--grad-accum {p.grad_accum} {ckpt} --{p.precision}",
     ]

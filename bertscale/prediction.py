@@ -1,42 +1,25 @@
-"""`bertscale predict`: one question or one text through an exported model, on this process."""
+"""`bertscale predict`: one input through an exported model, by the task that made it."""
+
 from __future__ import annotations
 
-import click
-import torch
-
-from . import models
-from .config import RunConfig
+from . import models, tasks
 from .errors import UserError
 
 
-def predict(model_dir: str, question=None, context=None, text=None, text_pair=None, max_seq_length=384,
-            squad_v2=False):
+def predict(model_dir: str, task: str | None, inputs: dict, max_seq_length: int = 384) -> str:
+    """The line to print for `inputs` (the predict flags given); `task` None: the model's own task."""
     config = models.load_config(model_dir)
-    arch = (config.architectures or ["?"])[0]
-    tokenizer = models.load_tokenizer(model_dir)
-    if arch.endswith("ForQuestionAnswering"):
-        if not (question and context):
-            raise UserError(f"{model_dir} is a question-answering model: pass --question and --context")
-        from transformers import AutoModelForQuestionAnswering
+    spec = task or tasks.name_for_model(config)
+    if spec is None:
+        arch = (config.architectures or ["?"])[0]
+        raise UserError(
+            f"{model_dir}: no task predicts with a {arch}; pass --task (question answering and "
+            "classification models work without it)"
+        )
+    cls = tasks.resolve(spec)
+    if cls.Predict is None:
+        raise UserError(f"--task {spec}: this task does not predict")
+    import dataclasses
 
-        from .tasks.squad import answer
-
-        model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
-        run = RunConfig(model=model_dir, max_seq_length=max_seq_length, task="squad_v2" if squad_v2 else "squad")
-        with torch.no_grad():
-            text_out, score = answer(model, tokenizer, question, context, run)
-        click.echo(f"answer: {text_out!r}  score: {score:.3f}")
-    elif arch.endswith("ForSequenceClassification"):
-        if not text:
-            raise UserError(f"{model_dir} is a classification model: pass --text (and --text-pair for pairs)")
-        from transformers import AutoModelForSequenceClassification
-
-        from .tasks.classify import predict_texts
-
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-        with torch.no_grad():
-            label, prob = predict_texts(model, tokenizer, [text], [text_pair] if text_pair else None)[0]
-        click.echo(f"label: {label}  probability: {prob:.3f}")
-    else:
-        raise UserError(f"{model_dir}: predict supports question-answering and classification models, "
-                        f"not {arch}")
+    names = {f.name for f in dataclasses.fields(cls.Predict)}
+    return cls.predict(model_dir, cls.Predict(**{k: v for k, v in inputs.items() if k in names}), max_seq_length)

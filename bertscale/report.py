@@ -3,16 +3,17 @@
 One figure per concern (loss, learning rate, loss scale, throughput, memory, evaluation), one
 panel per metric in it, one line per run; figures whose metrics no run logged are skipped.
 """
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import UserError
+from .files import BadJsonLine, read_jsonl
 
 # (file name, title, metric keys): a panel per key that at least one run logged.
 FIGURES = (
-    ("loss", "Training loss", ("loss", "mlm_loss", "nsp_loss")),
+    ("loss", "Training loss", ("loss",)),  # and every *_loss part a task logs (see _figure_keys)
     ("lr", "Learning rate", ("lr",)),
     ("loss_scale", "fp16 loss scale and skipped steps", ("loss_scale", "skipped_steps")),
     ("throughput", "Throughput", ("samples_per_s", "tokens_per_s", "tflops_per_gpu", "mfu")),
@@ -28,16 +29,13 @@ def read_run(output_dir) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise UserError(f"{output_dir}: no metrics.jsonl here; pass the --output-dir of a bertscale run")
     train, evals = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if "summary" in row or "step" not in row:
-            continue
-        (evals if "eval" in row else train)[row["step"]] = row
+    try:
+        for _, row in read_jsonl(path):
+            if "summary" in row or "step" not in row:
+                continue
+            (evals if "eval" in row else train)[row["step"]] = row
+    except BadJsonLine as e:
+        raise UserError(str(e)) from None
     if not train and not evals:
         raise UserError(f"{path}: holds no training or evaluation rows yet")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
@@ -68,7 +66,9 @@ def make_report(output_dirs, out=None) -> list[str]:
     out = Path(out or output_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     eval_keys = sorted({k for _, evals in runs.values() for row in evals for k in row if k.startswith("eval_")})
-    figures = [(name, title, keys, 0) for name, title, keys in FIGURES] + [("eval", "Evaluation", eval_keys, 1)]
+    loss_parts = sorted({k for train, _ in runs.values() for row in train for k in row if k.endswith("_loss")})
+    figures = [(name, title, keys + tuple(loss_parts) * (name == "loss"), 0) for name, title, keys in FIGURES]
+    figures.append(("eval", "Evaluation", eval_keys, 1))
     written = []
     for name, title, keys, which in figures:
         keys = [k for k in keys if any(k in row for rows in runs.values() for row in rows[which])]
@@ -77,15 +77,14 @@ def make_report(output_dirs, out=None) -> list[str]:
         cols = min(3, len(keys))
         rows_n = -(-len(keys) // cols)
         fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n + 0.4), squeeze=False)
-        for ax in axes.flat[len(keys):]:
+        for ax in axes.flat[len(keys) :]:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, keys):
             for label, rows in runs.items():
                 points = [(r["step"], r[key]) for r in rows[which] if r.get(key) is not None]
                 if points:
                     steps, values = zip(*points)
-                    ax.plot(steps, values, color=colors[label], marker="o" if len(points) < 30 else None,
-                            markersize=3)
+                    ax.plot(steps, values, color=colors[label], marker="o" if len(points) < 30 else None, markersize=3)
             if key in LOG_SCALE:
                 ax.set_yscale("log", base=2)
             ax.set_title(key)

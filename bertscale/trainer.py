@@ -1,44 +1,241 @@
 """The training loop: task-agnostic, flat, readable (nanoGPT style).
 
-setup -> resume -> for each step: forward, backward, step, log, evaluate, save, stop on signal
--> final checkpoint, export of the best/last model to final/, eval_results.json.
+train = setup (resume plan, config, data, engine, trackers) -> fit (the loop) -> finish (last
+evaluation and checkpoint, export of the best or last model to final/, summary).
 """
+
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import shutil
-import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import checkpoint, data, distributed as dist, engine as engines, models, tasks
-from .config import RunConfig, write_json_atomic
+from . import checkpoint, data, ds_config, models, tasks
+from . import distributed as dist
+from . import engine as engines
+from .args import Run
 from .errors import PreemptedExit, UserError
-from .tracking import LossScaleWatchdog, Throughput, Tracker, memory_stats, peak_tflops, redact_secrets
+from .evaluation import evaluate, model_inputs
+from .files import copy_atomic, write_json_atomic
+from .preemption import StopFlag
+from .tracking import Throughput, Tracker, memory_stats, peak_tflops, redact_secrets
+from .watchdog import LossScaleWatchdog
+
+RUN_FILES = ("checkpoints", "final", "evals", "metrics.jsonl", "wandb_run_id.txt", "eval_results.json")
 
 
-class StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption) and a first SIGINT ask for a save at the next step
-    boundary; a second SIGINT stops at once."""
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the engine: where training is, and the best model so far."""
 
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    best_tag: str | None = None
+    evals_without_improvement: int = 0
+    last_eval_step: int | None = None
+    model: str = ""
+    task: str = ""
 
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"[bertscale] rank {dist.rank()}: got {signal.Signals(signum).name}, "
-              "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
+    def update(self, saved: dict) -> None:
+        names = {f.name for f in fields(self)}
+        for k, v in saved.items():
+            if k in names:
+                setattr(self, k, v)
+
+
+@dataclass
+class Training:
+    """Everything fit() and finish() work with; built by setup()."""
+
+    run: Run
+    task: Any
+    tokenizer: Any
+    engine: Any
+    ds_cfg: dict
+    train_feats: Any
+    lengths: list | None  # None for a stream
+    eval_set: Any
+    steps: data.StepPlan
+    tracker: Tracker
+    speed: Throughput
+    watchdog: LossScaleWatchdog
+    stop: StopFlag
+    state: TrainState
+    best_metric: str  # the metric that picks the best model
+    keep_best: bool  # final/ is the best evaluated model (else the last one)
+    early_stopped: bool = False
+    loss: dict = field(default_factory=dict)  # sums since the last log line (tensors: no sync per step)
+
+
+def train(run: Run) -> dict:
+    t = setup(run)
+    fit(t)
+    return finish(t)
+
+
+def setup(run: Run) -> Training:
+    dist.setup()
+    stop = StopFlag()  # from the start, so a preemption during set-up still ends in a requeue
+    world = dist.world_size()
+    resume_from = checkpoint.plan_resume(run.ckpt, run.model.model, run.task)  # refuses mixed runs first
+    ds_cfg = engines.resolve_config(run.optim, world)  # a bad config fails before any slow work
+    seed_everything(run.optim.seed)
+
+    tokenizer = models.load_tokenizer(run.model.model)
+    task = tasks.build(run, tokenizer)
+    train_feats, eval_set = dist.main_first(lambda: (task.train_features(), task.eval_set()))
+    lengths = None if data.is_streaming(train_feats) else task.lengths(train_feats)
+    rows = None if lengths is None else len(lengths)
+    steps = data.plan_steps(rows, run.optim, world, task.describe_train_data(rows) if rows is not None else "")
+    ds_cfg = ds_config.fill_schedule(ds_cfg, run.optim, steps.total_steps)
+
+    engine = engines.build(run.model, run.optim.weight_decay, task, ds_cfg)
+    engine.module.config.bertscale_task = run.task  # exported models say which task made them
+    state = TrainState(model=run.model.model, task=run.task)
+    if resume_from is not None:
+        state.update(checkpoint.load(engine, resume_from))
+        if dist.is_main():
+            print(f"[bertscale] Resumed from {resume_from} (step {state.step})", file=sys.stderr, flush=True)
+    record = {"run": run.flags(), "deepspeed": redact_secrets(ds_cfg), "world_size": world}
+    prepare_output_dir(run, task, record)  # after the load: a checkpoint that fails to load changes nothing
+
+    keep_best = bool(run.eval.early_stopping_patience or run.eval.metric_for_best)
+    t = Training(
+        run=run,
+        task=task,
+        tokenizer=tokenizer,
+        engine=engine,
+        ds_cfg=ds_cfg,
+        train_feats=train_feats,
+        lengths=lengths,
+        eval_set=eval_set,
+        steps=steps,
+        tracker=Tracker(run.log, run.out, record, steps.total_steps, start_step=state.step),
+        speed=Throughput(engine.module.config, peak_tflops(run.log.peak_tflops), world),
+        watchdog=LossScaleWatchdog(ds_cfg, engine.optimizer),
+        stop=stop,
+        state=state,
+        best_metric=task.main_metric,
+        keep_best=keep_best,
+    )
+    if dist.is_main():
+        print(
+            f"[bertscale] {run.task}: {'streamed' if rows is None else rows} training rows, {world} ranks, "
+            f"{steps.steps_per_epoch or '?'} steps/epoch, {steps.total_steps} steps, precision "
+            f"{ds_config.precision_of(ds_cfg)}, ZeRO-{engines.zero_stage(ds_cfg)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return t
+
+
+def fit(t: Training) -> None:
+    run, state, engine, task = t.run, t.state, t.engine, t.task
+    if run.eval.eval_on_start and t.eval_set is not None and state.step == 0:
+        run_eval(t)
+    engine.train()  # from_pretrained returns the model in eval mode: no dropout until this call
+    skipped_before = engine.skipped_steps
+    while state.step < t.steps.total_steps and not t.early_stopped:
+        for i, rows, n_batches in data.epoch_batches(
+            t.train_feats,
+            t.lengths,
+            run.optim.micro_batch_size,
+            dist.world_size(),
+            dist.rank(),
+            run.optim.seed,
+            state.epoch,
+            state.batch_in_epoch,
+            run.data.group_by_length,
+        ):
+            # forward, backward and step: DeepSpeed accumulates and steps every grad_accum micro batches
+            batch = task.collate(rows)
+            t.speed.add(batch)
+            output = engine(**model_inputs(batch, task, engine.device))
+            engine.backward(output.loss)
+            engine.step()
+            state.batch_in_epoch = i + 1
+            add_losses(t.loss, output.loss, task.loss_parts(output, batch))
+            if engine.global_steps == state.step:
+                continue  # inside gradient accumulation
+            state.step = step = engine.global_steps
+
+            # log; an fp16 run whose loss scale collapsed stops here, after a checkpoint
+            skipped, skipped_before = engine.skipped_steps > skipped_before, engine.skipped_steps
+            scale = engine.optimizer.loss_scale if t.watchdog.enabled else None
+            problem = t.watchdog.check(scale, skipped)
+            if step % run.log.log_every == 0 or step == t.steps.total_steps or problem:
+                log_training(t, epoch=state.epoch + (i + 1) / (n_batches or float("inf")), scale=scale)
+            if problem:
+                saved = save(t)
+                t.tracker.finish()
+                raise UserError(f"{problem} The run was checkpointed first: {saved}", echo=dist.is_main())
+
+            # evaluate (keeping the best model), and stop early when it no longer improves
+            if (
+                t.eval_set is not None
+                and run.eval.eval_every
+                and step % run.eval.eval_every == 0
+                and step < t.steps.total_steps
+            ):
+                run_eval(t)
+                if should_stop_early(t):
+                    break
+
+            # checkpoint, and leave for a requeue when a rank was signalled
+            if run.ckpt.save_every and step % run.ckpt.save_every == 0:
+                save(t)
+            if t.stop.agreed():
+                preempt(t)
+            if step >= t.steps.total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+
+def finish(t: Training) -> dict:
+    """Last evaluation and checkpoint; final/ gets the best (or last) model with its eval results."""
+    state, out = t.state, t.run.out
+    if t.eval_set is not None and not t.early_stopped and state.last_eval_step != state.step:
+        run_eval(t)
+    last = save(t)
+    chosen = state.best_tag if t.keep_best and state.best_tag else last.name
+    final_metrics = {}
+    if dist.is_main():
+        checkpoint.export(checkpoint.root(out) / chosen, out / "final")
+        t.task.save_extra(out / "final")
+        print(f"[bertscale] exported {chosen} to {out / 'final'}", file=sys.stderr)
+        final_metrics = publish_eval_files(out / "evals" / chosen, out)
+        if final_metrics:
+            print(
+                "[bertscale] final: "
+                + " ".join(f"{k}={v:.4g}" for k, v in final_metrics.items() if isinstance(v, (int, float))),
+                flush=True,
+            )
+    t.tracker.summary(
+        {
+            **{f"final_{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+            "best_metric": state.best_metric,
+            "steps": state.step,
+            **t.speed.summary(),
+        }
+    )
+    t.tracker.finish()
+    dist.barrier()
+    return final_metrics
+
+
+# --- the loop's parts ------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -47,241 +244,127 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(run: RunConfig, task_name: str, ds_cfg: dict) -> None:
-    """Only called after every input was validated, so a bad run never touches the dir."""
-    out = Path(run.output_dir)
+def prepare_output_dir(run: Run, task, record: dict) -> None:
+    """Clear a previous run's files (--overwrite-output-dir) and write run_config.json. Only called
+    after every input was validated, so a bad run never touches the dir."""
+    out = run.out
     if dist.is_main():
-        if run.overwrite_output_dir:
-            for name in ("checkpoints", "final", "evals", "metrics.jsonl", "wandb_run_id.txt", "eval_results.json",
-                     "predictions.json", "null_odds.json", "predictions.jsonl"):
+        if run.ckpt.overwrite_output_dir:
+            outputs = {name for cls in [*tasks.builtin(), type(task)] for name in cls.output_files}
+            for name in (*RUN_FILES, *sorted(outputs)):
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "run_config.json", {"run": {**run.to_json(), "task": task_name},
-                                                    "deepspeed": redact_secrets(ds_cfg),
-                                                    "world_size": dist.world_size()})
+        write_json_atomic(out / "run_config.json", record)
     dist.barrier()
 
 
-def evaluate(engine, task, eval_set, run: RunConfig, output_dir: Path | None) -> dict:
-    """Forward the eval features on all ranks, gather per-row outputs on rank 0, compute metrics
-    there and share them with every rank (early stopping needs them everywhere)."""
-    feats = eval_set.features
-    lengths = task.lengths(feats)
-    if output_dir is not None and dist.is_main():
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    batches = data.eval_batches(lengths, run.eval_batch_size, dist.world_size(), dist.rank())
-    filler = batches[0] if batches and batches[0] else [0]
-    mine: dict[str, list] = {}
-    index: list[int] = []
-    engine.eval()
-    with torch.no_grad():
-        for ids in batches:
-            batch = task.collate(rows_of(feats, ids or filler))
-            out = engine(**_to_device(batch, engine.device, task))
-            if not ids:
-                continue  # a filler pass keeps ZeRO-3 collectives in step across ranks
-            for k, v in task.eval_outputs(out, batch).items():
-                mine.setdefault(k, []).extend(v)
-            index.extend(ids)
-    engine.train()
-    gathered = dist.gather_objects((index, mine))
-    metrics = None
+def add_losses(sums: dict, loss, parts: dict) -> None:
+    """Add a micro batch's loss (and its parts) to the sums of the log window, as tensors: reading
+    them would wait for the GPU, so that happens only when a line is logged."""
+    sums["count"] = sums.get("count", 0) + 1
+    for k, v in {"loss": loss.detach(), **parts}.items():
+        sums[k] = sums.get(k, 0.0) + v
+
+
+def log_training(t: Training, epoch: float, scale) -> None:
+    """One metrics row: mean losses of the window, lr, throughput, memory, fp16 state, grad norm."""
+    engine, sums = t.engine, t.loss
+    count = sums.pop("count")
+    row = {
+        "epoch": epoch,
+        "loss": float(sums.pop("loss")) / count,
+        "lr": engine.get_lr()[0],
+        "skipped_steps": engine.skipped_steps,
+        **{k: float(v) / count for k, v in sums.items()},
+        **t.speed.report(),
+        **memory_stats(),
+    }
+    if scale is not None:
+        row["loss_scale"] = float(scale)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    t.tracker.log(t.state.step, row)
+    t.loss = {}
+
+
+def save(t: Training) -> Path:
+    with t.speed.paused():  # throughput counts training time only
+        return checkpoint.save(
+            t.engine,
+            t.run.out,
+            asdict(t.state),
+            t.tokenizer,
+            t.run.ckpt.keep,
+            protect=t.state.best_tag if t.keep_best else None,
+        )
+
+
+def run_eval(t: Training) -> dict:
+    """Evaluate, keep the predictions of every evaluation in evals/step-N/, track the best model."""
+    state = t.state
+    eval_dir = t.run.out / "evals" / f"step-{state.step}"
+    start = time.perf_counter()
+    with t.speed.paused():
+        metrics = evaluate(t.engine, t.task, t.eval_set, t.run.eval.eval_batch_size, eval_dir)
+    seconds = time.perf_counter() - start  # forward, gather, post-processing, metric, predictions file
     if dist.is_main():
-        all_index = [i for idx, _ in gathered for i in idx]
-        order = np.argsort(all_index, kind="stable")
-        outputs = {k: [v for _, part in gathered for v in part.get(k, [])] for k in gathered[0][1]}
-        outputs = {k: [v[i] for i in order] for k, v in outputs.items()}
-        metrics = task.compute_metrics(eval_set, outputs, output_dir)
-    return dist.broadcast_object(metrics)
-
-
-def epoch_batches(train_feats, lengths, run, world, rank, epoch, start):
-    """(batch index, rows, batches in epoch or None) for this rank, from batch `start` on."""
-    if lengths is None:
-        for i, rows in data.stream_batches(train_feats, run.micro_batch_size, world, rank, run.seed, epoch, start):
-            yield i, rows, None
-        return
-    batches = data.train_batches(lengths, run.micro_batch_size, world, rank, run.seed, epoch, run.group_by_length)
-    for i in range(start, len(batches)):
-        yield i, rows_of(train_feats, batches[i]), len(batches)
-
-
-def rows_of(dataset, ids) -> list[dict]:
-    cols = dataset[ids]  # one columnar read is much faster than len(ids) row reads
-    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
-
-
-def _to_device(batch: dict, device, task) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in task.model_input_names or k in task.label_names()}
-
-
-def _improved(greater_is_better: bool, new, best) -> bool:
-    return best is None or (new > best if greater_is_better else new < best)
-
-
-def train(run: RunConfig, task_name: str) -> dict:
-    dist.setup()
-    stop = StopFlag()  # from the start, so a preemption during set-up still ends in a requeue
-    world, rank = dist.world_size(), dist.rank()
-    resume_from = checkpoint.plan_resume(run, task_name)  # refuses mixed runs before anything is written
-    engines.resolve_config(run, world, total_steps=1)  # fail on a bad config before any slow work
-    seed_everything(run.seed)
-
-    tokenizer = models.load_tokenizer(run.model)
-    task = tasks.get(task_name)(run, tokenizer)
-    train_feats, eval_set = dist.main_first(lambda: (task.train_features(), task.eval_set()))
-    if data.is_streaming(train_feats):
-        if run.max_steps <= 0:
-            raise UserError("--streaming: a stream has no length, so --epochs cannot be counted; pass --max-steps")
-        lengths, steps_per_epoch, total_steps = None, "?", run.max_steps
+        write_json_atomic(eval_dir / "eval_results.json", {**metrics, "step": state.step})
+    state.last_eval_step = state.step
+    t.tracker.log(
+        state.step,
+        {
+            "eval": 1,
+            **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "eval_seconds": seconds,
+            "eval_examples_per_s": t.task.eval_examples(t.eval_set) / seconds,
+        },
+    )
+    value = metrics.get(t.best_metric)
+    best = state.best_metric
+    if value is not None and (
+        best is None or (value > best if t.task.higher_is_better(t.best_metric) else value < best)
+    ):
+        state.best_metric, state.evals_without_improvement, state.best_tag = value, 0, f"step-{state.step}"
+        if t.keep_best:
+            save(t)
     else:
-        lengths = task.lengths(train_feats)
-        steps_per_epoch = len(train_feats) // (run.micro_batch_size * world) // run.grad_accum
-        if steps_per_epoch == 0:
-            raise UserError(f"{len(train_feats)} training rows are fewer than one global batch "
-                            f"(micro {run.micro_batch_size} x accumulation {run.grad_accum} x {world} ranks)")
-        total_steps = run.max_steps if run.max_steps > 0 else math.ceil(run.epochs * steps_per_epoch)
+        state.evals_without_improvement += 1
+    return metrics
 
-    engine, ds_cfg = engines.build(run, task, world, total_steps)
-    out = Path(run.output_dir)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_tag": None,
-             "evals_without_improvement": 0, "model": run.model, "task": task_name}
-    if resume_from is not None:
-        state.update(checkpoint.load(engine, resume_from))
-        if dist.is_main():
-            print(f"[bertscale] Resumed from {resume_from} (step {state['step']})", file=sys.stderr, flush=True)
-    prepare_output_dir(run, task_name, ds_cfg)  # after the load: a checkpoint that fails to load changes nothing
-
-    tracker = Tracker(run, ds_cfg, total_steps, start_step=state["step"])
-    speed = Throughput(engine.module.config, peak_tflops(run.peak_tflops), world)
-    watchdog = LossScaleWatchdog(ds_cfg, engine.optimizer)
+def should_stop_early(t: Training) -> bool:
+    patience = t.run.eval.early_stopping_patience
+    if not patience or t.state.evals_without_improvement < patience:
+        return False
+    t.tracker.log(t.state.step, {"early_stopped": 1})
     if dist.is_main():
-        print(f"[bertscale] {task_name}: {'streamed' if lengths is None else len(train_feats)} training rows, {world} ranks, "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps, precision {engines.ds_config.precision_of(ds_cfg)}, "
-              f"ZeRO-{engines.zero_stage(ds_cfg)}", file=sys.stderr, flush=True)
+        print(
+            f"[bertscale] early stopping: {patience} evaluations without improvement of {t.best_metric}",
+            file=sys.stderr,
+        )
+    t.early_stopped = True
+    return True
 
-    # final/ is the best evaluated model when the user asked for a best metric (or early stopping),
-    # else the last one; its eval results and predictions are copied next to it.
-    keep_best = bool(run.early_stopping_patience or run.metric_for_best)
-    best_metric = run.metric_for_best or task.main_metric
-    greater_is_better = task.greater_is_better if best_metric == task.main_metric else "loss" not in best_metric
 
-    def save():
-        with speed.paused():  # throughput counts training time only
-            return checkpoint.save(engine, out, state, tokenizer, run.keep,
-                                   protect=state["best_tag"] if keep_best else None)
-
-    def run_eval():
-        eval_dir = out / "evals" / f"step-{state['step']}"  # predictions of every evaluation are kept
-        t = time.perf_counter()
-        with speed.paused():
-            metrics = evaluate(engine, task, eval_set, run, eval_dir)
-        seconds = time.perf_counter() - t  # forward, gather, post-processing, metric, predictions file
-        if dist.is_main():
-            write_json_atomic(eval_dir / "eval_results.json", {**metrics, "step": state["step"]})
-        state["last_eval_step"] = state["step"]
-        tracker.log(state["step"], {"eval": 1, **{f"eval_{k}": v for k, v in metrics.items()
-                                                  if isinstance(v, (int, float))},
-                                    "eval_seconds": seconds,
-                                    "eval_examples_per_s": task.eval_examples(eval_set) / seconds})
-        value = metrics.get(best_metric)
-        if value is not None and _improved(greater_is_better, value, state["best_metric"]):
-            state.update(best_metric=value, evals_without_improvement=0, best_tag=f"step-{state['step']}")
-            if keep_best:
-                save()
-        else:
-            state["evals_without_improvement"] += 1
-        return metrics
-
-    if run.eval_on_start and eval_set is not None and state["step"] == 0:
-        run_eval()
-    engine.train()  # from_pretrained returns the model in eval mode: no dropout until this call
-    loss_sum, loss_count, parts_sum = 0.0, 0, {}
-    skipped_before = engine.skipped_steps
-    early_stopped = False
-    while state["step"] < total_steps and not early_stopped:
-        for i, rows, n_batches in epoch_batches(train_feats, lengths, run, world, rank, state["epoch"],
-                                                state["batch_in_epoch"]):
-            batch = task.collate(rows)
-            speed.add(batch)
-            output = engine(**_to_device(batch, engine.device, task))
-            engine.backward(output.loss)
-            engine.step()
-            state["batch_in_epoch"] = i + 1
-            loss_sum += output.loss.detach()  # a tensor: no GPU sync until the next log line
-            loss_count += 1
-            for k, v in task.loss_parts(output, batch).items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            if engine.global_steps == state["step"]:
-                continue  # inside gradient accumulation
-            state["step"] = engine.global_steps
-            step = state["step"]
-
-            skipped = engine.skipped_steps > skipped_before
-            skipped_before = engine.skipped_steps
-            scale = engine.optimizer.loss_scale if watchdog.enabled else None
-            problem = watchdog.check(scale, skipped)
-            if step % run.log_every == 0 or step == total_steps or problem:
-                row = {"epoch": state["epoch"] + (i + 1) / (n_batches or float("inf")),
-                       "loss": float(loss_sum) / loss_count,
-                       "lr": engine.get_lr()[0], "skipped_steps": engine.skipped_steps,
-                       **{k: float(v) / loss_count for k, v in parts_sum.items()}, **speed.report(), **memory_stats()}
-                if scale is not None:
-                    row["loss_scale"] = float(scale)
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                tracker.log(step, row)
-                loss_sum, loss_count, parts_sum = 0.0, 0, {}
-            if problem:
-                saved = save()
-                tracker.finish()
-                raise UserError(f"{problem} The run was checkpointed first: {saved}", echo=dist.is_main())
-            if eval_set is not None and run.eval_every and step % run.eval_every == 0 and step < total_steps:
-                run_eval()
-                if run.early_stopping_patience and state["evals_without_improvement"] >= run.early_stopping_patience:
-                    tracker.log(step, {"early_stopped": 1})
-                    if dist.is_main():
-                        print(f"[bertscale] early stopping: {run.early_stopping_patience} evaluations without "
-                              f"improvement of {best_metric}", file=sys.stderr)
-                    early_stopped = True
-                    break
-            if run.save_every and step % run.save_every == 0:
-                save()
-            if dist.any_rank(stop.requested):
-                save()
-                tracker.finish()
-                if dist.is_main():
-                    print(f"[bertscale] checkpoint saved at step {step}; exiting with code {PreemptedExit.CODE} "
-                          "so the job can be requeued", file=sys.stderr, flush=True)
-                raise PreemptedExit()
-            if step >= total_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-
-    if eval_set is not None and not early_stopped and state.get("last_eval_step") != state["step"]:
-        run_eval()
-    last = save()
-    chosen = state["best_tag"] if keep_best and state["best_tag"] else last.name
-    final_metrics = {}
+def preempt(t: Training) -> None:
+    save(t)
+    t.tracker.finish()
     if dist.is_main():
-        checkpoint.export(checkpoint.root(out) / chosen, out / "final")
-        task.save_extra(out / "final")
-        print(f"[bertscale] exported {chosen} to {out / 'final'}", file=sys.stderr)
-        eval_dir = out / "evals" / chosen
-        if eval_dir.is_dir():
-            for f in eval_dir.iterdir():  # eval_results.json, predictions.json, ... of the exported model
-                shutil.copyfile(f, out / f".{f.name}.tmp")
-                os.replace(out / f".{f.name}.tmp", out / f.name)
-            final_metrics = json.loads((out / "eval_results.json").read_text())
-            print("[bertscale] final: " + " ".join(f"{k}={v:.4g}" for k, v in final_metrics.items()
-                                                  if isinstance(v, (int, float))), flush=True)
-    tracker.summary({**{f"final_{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-                     "best_metric": state["best_metric"], "steps": state["step"], **speed.summary()})
-    tracker.finish()
-    dist.barrier()
-    return final_metrics
+        print(
+            f"[bertscale] checkpoint saved at step {t.state.step}; exiting with code {PreemptedExit.CODE} "
+            "so the job can be requeued",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise PreemptedExit()
+
+
+def publish_eval_files(eval_dir: Path, out: Path) -> dict:
+    """Copy the chosen model's eval results and predictions next to final/; returns its metrics."""
+    if not eval_dir.is_dir():
+        return {}
+    for f in eval_dir.iterdir():
+        copy_atomic(f, out / f.name)
+    return json.loads((out / "eval_results.json").read_text())

@@ -1,4 +1,5 @@
 """Shared test helpers: paths to the real data, and launching real multi-rank runs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,17 +31,25 @@ def free_port() -> int:
 
 def cpu_env(fp16: bool = False, **extra) -> dict:
     """Environment for CPU ranks; fp16=True adds the CPU-fp16 test fixture (see its docstring)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     if fp16:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FP16_FIXTURE), env.get("PYTHONPATH")]))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def launch(script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N <script_args>` (real launcher, real gloo ranks)."""
     port = free_port()
     cmd = [*LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(port), *script_args]
@@ -67,8 +76,14 @@ def bertscale(args: list[str], ranks: int = 2, **kw) -> subprocess.CompletedProc
 
 def bertscale_single(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """One plain process: `python -m bertscale ...` (no launcher)."""
-    return subprocess.run([sys.executable, "-m", "bertscale", *args], cwd=ROOT, env=env or cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bertscale", *args],
+        cwd=ROOT,
+        env=env or cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _tail(proc, n=60) -> str:

@@ -7,6 +7,7 @@ launch scripts derive MASTER_PORT from the job id and concurrent test clusters m
 Only the daemons started here are stopped (by pid), after every job of this cluster has been
 cancelled so that no slurmstepd outlives it.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,15 +20,23 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
-def ensure_slurm_installed() -> Optional[str]:
+def ensure_slurm_installed() -> str | None:
     """Install Slurm + munge from apt when missing; return why not if that is impossible."""
     if all(shutil.which(d) for d in DAEMONS):
         return None
@@ -63,7 +72,7 @@ class SlurmCluster:
         self.procs: dict[str, subprocess.Popen] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             self.start()
         except BaseException:
@@ -87,10 +96,19 @@ class SlurmCluster:
         key = self.dir / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self._spawn("munged", ["munged", "-F", "--force", f"--socket={socket_path}", f"--key-file={key}",
-                               f"--pid-file={self.dir / 'munge' / 'munged.pid'}",
-                               f"--seed-file={self.dir / 'munge' / 'munged.seed'}",
-                               f"--log-file={self.dir / 'log' / 'munged.log'}"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={self.dir / 'munge' / 'munged.pid'}",
+                f"--seed-file={self.dir / 'munge' / 'munged.seed'}",
+                f"--log-file={self.dir / 'log' / 'munged.log'}",
+            ],
+        )
         self._wait_for(lambda: socket_path.exists(), timeout, "munged socket")
         self.conf.write_text(self._slurm_conf(socket_path))
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
@@ -106,7 +124,7 @@ class SlurmCluster:
             except TimeoutError:
                 pass  # stop the daemons anyway
         # Stop in reverse start order: slurmd(s), slurmctld, munged.
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -119,13 +137,12 @@ class SlurmCluster:
 
     # --- client helpers ----------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(cmd), env=kwargs.pop("env", self.env), capture_output=True, text=True,
-                              **kwargs)
+        done = subprocess.run(list(cmd), env=kwargs.pop("env", self.env), capture_output=True, text=True, **kwargs)
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
         return done
 
-    def sbatch(self, args: list[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> int:
+    def sbatch(self, args: list[str], env: dict | None = None, cwd: Path | None = None) -> int:
         """Submit a job; `env` entries are added to the job's environment. Returns the job id."""
         out = self.run("sbatch", "--parsable", *args, env={**self.env, **(env or {})}, cwd=cwd).stdout
         return int(out.strip().split(";")[0])
@@ -147,9 +164,11 @@ class SlurmCluster:
 
     def wait(self, job_id: int, timeout: float, poll: float = 1.0) -> dict:
         """Wait until the job has ended for good (a requeue is not an end); return `scontrol show job`."""
+
         def ended() -> dict:
             job = self.job(job_id)
             return job if job.get("JobState") in ENDED else {}
+
         return self._wait_for(ended, timeout, f"job {job_id} to end", poll)
 
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -165,8 +184,9 @@ class SlurmCluster:
     # --- internals ---------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> None:
         with open(self.dir / "log" / f"{name}.stdout", "w") as log:
-            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                                start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
 
     def _all_nodes_idle(self) -> bool:
         for name, proc in self.procs.items():
@@ -190,7 +210,9 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
-            f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN" for n in self.nodes)
+            f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
+            for n in self.nodes
+        )
         return f"""\
 ClusterName=bertscale-test
 SlurmctldHost={host}(127.0.0.1)

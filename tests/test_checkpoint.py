@@ -5,6 +5,7 @@ Everything runs real 2-rank CPU engines through the real launcher and CLI. Launc
 (each costs ~20 s of imports on 2 cores): one launch trains every exact-resume combo (see
 tests/workers/ckpt_resume_matrix.py), and the other tests reuse its output dirs as references.
 """
+
 import contextlib
 import json
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from bertscale import checkpoint
+
 from conftest import DEEPSPEED, ROOT, SQUAD, bertscale_single, cpu_env, free_port, launch, train_rows
 
 # ZeRO-3 offload steps DeepSpeedCPUAdam, the kernel GPU users get with zero3_offload.json.
@@ -26,11 +28,38 @@ from conftest import DEEPSPEED, ROOT, SQUAD, bertscale_single, cpu_env, free_por
 COMBOS = ["zero2-fp32", "zero2-bf16", "zero3-bf16", "zero3_offload-fp32"]
 STEPS = 6
 # 16 questions -> 37 windows -> 4 steps per epoch at 2 ranks x 4: six steps cross an epoch boundary.
-FLAGS = ["--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-         "--eval-file", str(SQUAD / "dev-v1.1-part1.json"), "--max-train-samples", "16", "--max-eval-samples", "8",
-         "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--preprocessing-workers", "1",
-         "--micro-batch-size", "4", "--learning-rate", "1e-3", "--max-steps", str(STEPS), "--log-every", "1",
-         "--wandb-mode", "disabled"]
+FLAGS = [
+    "--task",
+    "squad",
+    "--model",
+    "tiny",
+    "--train-file",
+    str(SQUAD / "train-v1.1-first44.json"),
+    "--eval-file",
+    str(SQUAD / "dev-v1.1-part1.json"),
+    "--max-train-samples",
+    "16",
+    "--max-eval-samples",
+    "8",
+    "--max-seq-length",
+    "128",
+    "--doc-stride",
+    "32",
+    "--max-query-length",
+    "32",
+    "--preprocessing-workers",
+    "1",
+    "--micro-batch-size",
+    "4",
+    "--learning-rate",
+    "1e-3",
+    "--max-steps",
+    str(STEPS),
+    "--log-every",
+    "1",
+    "--wandb-mode",
+    "disabled",
+]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -40,13 +69,17 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("matrix")
-    logits = ["--engine-logits", str(out / "zero3_offload-fp32/straight/checkpoints/step-6"),
-              str(out / "engine_logits.pt")]
+    logits = [
+        "--engine-logits",
+        str(out / "zero3_offload-fp32/straight/checkpoints/step-6"),
+        str(out / "engine_logits.pt"),
+    ]
     launch(["tests/workers/ckpt_resume_matrix.py", str(out), *COMBOS, *logits, "--", *FLAGS], timeout=900)
     return out
 
 
 # --- exact resume ----------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", COMBOS)
@@ -69,6 +102,7 @@ def test_deepspeed_loads_on_resume_are_weights_only(matrix):
 
 
 # --- export ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_zero3_export_equals_engine_outputs(matrix, tmp_path):
@@ -103,14 +137,23 @@ def test_bf16_zero2_export_keeps_fp32_master_weights(matrix, tmp_path):
 
 # --- crashes and preemption ------------------------------------------------------------------
 
+
 class Run:
     """`deepspeed --num_gpus 2 bertscale/cli.py finetune ARGS` in the background, output to a file
     (a pipe nobody reads while the test polls could fill up and stall the ranks)."""
 
     def __init__(self, args: list[str], log: Path):
         self.log = log
-        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "bertscale/cli.py",
-               "finetune", *args]
+        cmd = [
+            str(DEEPSPEED),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "bertscale/cli.py",
+            "finetune",
+            *args,
+        ]
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=out, stderr=subprocess.STDOUT)
         self.watchdog = threading.Timer(600, self.stop)  # never hang the suite...
@@ -152,8 +195,22 @@ def test_killed_mid_save_then_preempted_then_resumes_exactly(matrix, tmp_path):
     ends with the same per-step losses as the run that never stopped, keeping the newest 2 (+ best)."""
     out = tmp_path / "run"
     ckroot = checkpoint.root(out)
-    args = [*FLAGS, "--ds-config", "zero2", "--fp32", "--save-every", "1", "--keep", "2", "--eval-every", "2",
-            "--metric-for-best", "f1", "--output-dir", str(out)]
+    args = [
+        *FLAGS,
+        "--ds-config",
+        "zero2",
+        "--fp32",
+        "--save-every",
+        "1",
+        "--keep",
+        "2",
+        "--eval-every",
+        "2",
+        "--metric-for-best",
+        "f1",
+        "--output-dir",
+        str(out),
+    ]
 
     # 1. SIGKILL rank 0 while step N >= 2 is being written (both ranks frozen first, to be sure).
     run = Run(args, tmp_path / "1.log")
@@ -201,6 +258,7 @@ def test_killed_mid_save_then_preempted_then_resumes_exactly(matrix, tmp_path):
 
 # --- refusals that leave the output dir alone ------------------------------------------------
 
+
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
@@ -223,16 +281,26 @@ def bad_ds_config(tmp_path: Path) -> str:
 
 REFUSALS = {
     # --overwrite-output-dir: even a run told to clear the dir must fail before it clears anything.
-    "bad ds-config key": (lambda tmp, out: ["--ds-config", bad_ds_config(tmp), "--overwrite-output-dir"],
-                          ["unknown key 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'?"]),
-    "missing train file": (lambda tmp, out: ["--train-file", str(tmp / "nope.json"), "--overwrite-output-dir"],
-                           ["nope.json"]),
-    "another model's checkpoints": (lambda tmp, out: ["--model", str(out / "final")],
-                                    ["holds checkpoints of another run (model 'tiny'", "--overwrite-output-dir"]),
-    "fewer ranks than the checkpoint": (lambda tmp, out: [],
-                                        ["written with 2 ranks and this run has 1 rank", "same number of ranks"]),
-    "--resume none over checkpoints": (lambda tmp, out: ["--resume", "none"],
-                                       ["--resume none starts a new run", "--overwrite-output-dir"]),
+    "bad ds-config key": (
+        lambda tmp, out: ["--ds-config", bad_ds_config(tmp), "--overwrite-output-dir"],
+        ["unknown key 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'?"],
+    ),
+    "missing train file": (
+        lambda tmp, out: ["--train-file", str(tmp / "nope.json"), "--overwrite-output-dir"],
+        ["nope.json"],
+    ),
+    "another model's checkpoints": (
+        lambda tmp, out: ["--model", str(out / "final")],
+        ["holds checkpoints of another run (model 'tiny'", "--overwrite-output-dir"],
+    ),
+    "fewer ranks than the checkpoint": (
+        lambda tmp, out: [],
+        ["written with 2 ranks and this run has 1 rank", "same number of ranks"],
+    ),
+    "--resume none over checkpoints": (
+        lambda tmp, out: ["--resume", "none"],
+        ["--resume none starts a new run", "--overwrite-output-dir"],
+    ),
 }
 
 
@@ -252,6 +320,7 @@ def test_refused_run_leaves_output_dir_untouched(finished_run, tmp_path, case):
 
 
 # --- pure file logic (no engine) -------------------------------------------------------------
+
 
 def fake_checkpoint(ckroot: Path, name: str, complete: bool = True) -> None:
     (ckroot / name).mkdir(parents=True)
@@ -273,5 +342,5 @@ def test_prune_keeps_newest_and_protected_and_drops_leftovers(tmp_path):
         fake_checkpoint(ckroot, f"step-{i}")
     fake_checkpoint(ckroot, ".tmp-step-6", complete=False)  # a save killed mid-write
     fake_checkpoint(ckroot, ".deleting-step-0")  # a delete killed midway
-    checkpoint._prune(ckroot, keep=2, protect="step-1")
+    checkpoint.prune(ckroot, keep=2, protect="step-1")
     assert sorted(p.name for p in ckroot.iterdir()) == ["step-1", "step-4", "step-5"]

@@ -1,4 +1,5 @@
 """Classification task: GLUE TSV loading, columns, label maps, metrics, and a tiny BERT forward pass."""
+
 import json
 import math
 from pathlib import Path
@@ -6,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale.config import RunConfig
+from bertscale import tasks
 from bertscale.errors import UserError
 from bertscale.models import build_model, load_tokenizer
-from bertscale.tasks.classify import ClassifyTask, predict_texts, task_for
+from bertscale.tasks.classify import ClassifyTask, predict_texts
 from bertscale.tasks.classify_metrics import classification_metrics
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -21,15 +22,22 @@ def tokenizer():
     return load_tokenizer("tiny")
 
 
-def make_run(**kw) -> RunConfig:
+def make_run(**kw):
     kw.setdefault("preprocessing_workers", 1)
-    return RunConfig(**kw)
+    return tasks.make_run(**kw)
+
+
+def task_of(run, tokenizer, id2label=None) -> ClassifyTask:
+    """The run's task; with `id2label`, as evaluation builds it for a trained model."""
+    return (
+        ClassifyTask(tokenizer, id2label=id2label, **tasks.settings(run)) if id2label else tasks.build(run, tokenizer)
+    )
 
 
 def tsv_rows(path: Path, n: int) -> list[list[str]]:
     """The first n data rows, split on tabs exactly as GLUE means them."""
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:n + 1]
+        lines = f.read().split("\n")[1 : n + 1]
     return [line.split("\t") for line in lines]
 
 
@@ -40,8 +48,7 @@ def write(path: Path, text: str) -> str:
 
 # --- loading -----------------------------------------------------------------------------------
 def test_sst2_single_sentences_from_local_tsv(tokenizer):
-    task = ClassifyTask(make_run(task="glue:sst2", train_file=str(SST2 / "train.tsv"), max_train_samples=5),
-                        tokenizer)
+    task = task_of(make_run(task="glue:sst2", train_file=str(SST2 / "train.tsv"), max_train_samples=5), tokenizer)
     assert task.labels == ["0", "1"]
     assert task.main_metric == "accuracy" and task.greater_is_better
     features = task.train_features()
@@ -54,13 +61,20 @@ def test_sst2_single_sentences_from_local_tsv(tokenizer):
 
 
 def test_rte_pairs_keep_quotes_and_map_label_names(tokenizer):
-    run = make_run(task="glue:rte", train_file=str(RTE / "train.tsv"), eval_file=str(RTE / "dev.tsv"),
-                   max_eval_samples=20, max_seq_length=64)
-    task = ClassifyTask(run, tokenizer)
+    run = make_run(
+        task="glue:rte",
+        train_file=str(RTE / "train.tsv"),
+        eval_file=str(RTE / "dev.tsv"),
+        max_eval_samples=20,
+        max_seq_length=64,
+    )
+    task = task_of(run, tokenizer)
     assert task.labels == ["entailment", "not_entailment"]
     assert task.model_config_overrides() == {
-        "num_labels": 2, "id2label": {0: "entailment", 1: "not_entailment"},
-        "label2id": {"entailment": 0, "not_entailment": 1}}
+        "num_labels": 2,
+        "id2label": {0: "entailment", 1: "not_entailment"},
+        "label2id": {"entailment": 0, "not_entailment": 1},
+    }
     train = task.train_features()
     expected = tsv_rows(RTE / "train.tsv", 13)
     assert len(train) == 2490
@@ -80,18 +94,20 @@ def test_rte_pairs_keep_quotes_and_map_label_names(tokenizer):
 
 def test_csv_and_jsonl_files_with_default_columns(tmp_path, tokenizer):
     csv_file = write(tmp_path / "t.csv", 'text,label\n"good, really",pos\nbad,neg\nNA,pos\n')
-    task = ClassifyTask(make_run(task="classify", train_file=csv_file), tokenizer)
+    task = task_of(make_run(task="classify", train_file=csv_file), tokenizer)
     assert task.labels == ["neg", "pos"]
     rows = task.train_features()
     assert rows["labels"] == [1, 0, 1]
     assert rows[0]["input_ids"] == tokenizer("good, really")["input_ids"]
     assert rows[2]["input_ids"] == tokenizer("NA")["input_ids"]  # 'NA' is text, not a missing value
 
-    lines = [{"sentence1": "a cat", "sentence2": "an animal", "label": 10},
-             {"sentence1": "a dog", "sentence2": "a plant", "label": 2},
-             {"sentence1": "x", "sentence2": "y", "label": 1}]
+    lines = [
+        {"sentence1": "a cat", "sentence2": "an animal", "label": 10},
+        {"sentence1": "a dog", "sentence2": "a plant", "label": 2},
+        {"sentence1": "x", "sentence2": "y", "label": 1},
+    ]
     jsonl = write(tmp_path / "t.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
-    task = ClassifyTask(make_run(task="classify", train_file=jsonl), tokenizer)
+    task = task_of(make_run(task="classify", train_file=jsonl), tokenizer)
     assert task.labels == ["1", "2", "10"]  # numeric labels keep numeric order
     rows = task.train_features()
     assert rows["labels"] == [2, 1, 0]
@@ -100,17 +116,21 @@ def test_csv_and_jsonl_files_with_default_columns(tmp_path, tokenizer):
 
 def test_explicit_columns_and_column_errors(tmp_path, tokenizer):
     path = write(tmp_path / "d.tsv", "id\tpremise\thypo\tgold\n1\tit rains\tit is wet\tyes\n2\tsun\tnight\tno\n")
-    run = make_run(task="classify", train_file=path, text_column="premise", text_pair_column="hypo",
-                   label_column="gold")
-    rows = ClassifyTask(run, tokenizer).train_features()
+    run = make_run(
+        task="classify", train_file=path, text_column="premise", text_pair_column="hypo", label_column="gold"
+    )
+    rows = task_of(run, tokenizer).train_features()
     assert rows[0]["input_ids"] == tokenizer("it rains", "it is wet")["input_ids"] and rows["labels"] == [1, 0]
 
-    with pytest.raises(UserError, match=r"d\.tsv: no column 'sentence' or 'text'; columns found: "
-                                        r"id, premise, hypo, gold"):
-        ClassifyTask(make_run(task="classify", train_file=path), tokenizer).train_features()
+    with pytest.raises(
+        UserError,
+        match=r"d\.tsv: no column 'sentence' or 'text'; columns found: "
+        r"id, premise, hypo, gold",
+    ):
+        task_of(make_run(task="classify", train_file=path), tokenizer).train_features()
     bad = make_run(task="classify", train_file=path, text_column="premise", label_column="lab")
     with pytest.raises(UserError, match=r"d\.tsv: no column 'lab' \(--label-column\); columns found: id, premise"):
-        ClassifyTask(bad, tokenizer).train_features()
+        task_of(bad, tokenizer).train_features()
 
 
 def test_bad_files_are_user_errors_naming_the_file(tmp_path, tokenizer):
@@ -123,19 +143,22 @@ def test_bad_files_are_user_errors_naming_the_file(tmp_path, tokenizer):
     for name, (content, message) in cases.items():
         path = write(tmp_path / name, content)
         with pytest.raises(UserError, match=f"{name}: .*{message}"):
-            ClassifyTask(make_run(task="classify", train_file=path), tokenizer).train_features()
+            task_of(make_run(task="classify", train_file=path), tokenizer).train_features()
 
     one_label = write(tmp_path / "one.tsv", "sentence\tlabel\na\tx\nb\tx\n")
     with pytest.raises(UserError, match="one.tsv: only the label .* at least two"):
-        ClassifyTask(make_run(task="classify", train_file=one_label), tokenizer).train_features()
+        task_of(make_run(task="classify", train_file=one_label), tokenizer).train_features()
 
 
 def test_eval_label_not_seen_in_training(tmp_path, tokenizer):
     train = write(tmp_path / "train.tsv", "sentence\tlabel\na\tpos\nb\tneg\n")
     dev = write(tmp_path / "dev.tsv", "sentence\tlabel\nc\tpos\nd\tneutral\n")
-    task = ClassifyTask(make_run(task="classify", train_file=train, eval_file=dev), tokenizer)
-    with pytest.raises(UserError, match=r"dev\.tsv: label\(s\) 'neutral' not among the labels the model knows "
-                                        r"\(neg, pos\)"):
+    task = task_of(make_run(task="classify", train_file=train, eval_file=dev), tokenizer)
+    with pytest.raises(
+        UserError,
+        match=r"dev\.tsv: label\(s\) 'neutral' not among the labels the model knows "
+        r"\(neg, pos\)",
+    ):
         task.eval_set()
 
 
@@ -143,25 +166,25 @@ def test_evaluation_only_takes_labels_from_the_model_config(tokenizer):
     # 'classify' (not glue:rte, which would go to the hub for its training split)
     run = make_run(task="classify", eval_file=str(RTE / "dev.tsv"), max_eval_samples=6)
     with pytest.raises(UserError, match="no training data to take the labels from"):
-        ClassifyTask(run, tokenizer).eval_set()
+        task_of(run, tokenizer).eval_set()
     # JSON-saved configs may carry string keys.
-    task = ClassifyTask(run, tokenizer, id2label={"1": "not_entailment", "0": "entailment"})
+    task = task_of(run, tokenizer, id2label={"1": "not_entailment", "0": "entailment"})
     eval_set = task.eval_set()
     dev = tsv_rows(RTE / "dev.tsv", 6)
     assert eval_set.features["labels"] == [["entailment", "not_entailment"].index(r[3]) for r in dev]
 
 
 def test_task_names_and_main_metric(tokenizer):
-    assert task_for("classify") is ClassifyTask and task_for("glue:mrpc") is ClassifyTask
-    assert task_for("squad") is None
+    assert tasks.resolve("classify") is ClassifyTask and tasks.resolve("glue:mrpc") is ClassifyTask
+    assert tasks.resolve("squad") is not ClassifyTask
     with pytest.raises(UserError, match="unknown GLUE task; choose one of glue:sst2"):
-        task_for("glue:sts")
-    assert ClassifyTask(make_run(task="glue:mrpc"), tokenizer).main_metric == "f1"
-    assert ClassifyTask(make_run(task="glue:qqp", metric_for_best="macro_f1"), tokenizer).main_metric == "macro_f1"
+        tasks.resolve("glue:sts")
+    assert task_of(make_run(task="glue:mrpc"), tokenizer).main_metric == "f1"
+    assert task_of(make_run(task="glue:qqp", metric_for_best="macro_f1"), tokenizer).main_metric == "macro_f1"
     with pytest.raises(UserError, match="--metric-for-best em"):
-        ClassifyTask(make_run(task="classify", metric_for_best="em"), tokenizer)
+        task_of(make_run(task="classify", metric_for_best="em"), tokenizer)
     with pytest.raises(UserError, match="metric f1 needs two labels, found 3"):
-        ClassifyTask(make_run(task="classify", metric_for_best="f1"), tokenizer, id2label={0: "a", 1: "b", 2: "c"})
+        task_of(make_run(task="classify", metric_for_best="f1"), tokenizer, id2label={0: "a", 1: "b", 2: "c"})
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -169,7 +192,7 @@ def test_binary_metrics_worked_by_hand():
     # true 0 0 1 1 1, predicted 0 1 1 1 0: TP(1)=2, FP(1)=1, FN(1)=1; TP(0)=1, FP(0)=1, FN(0)=1
     m = classification_metrics([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["neg", "pos"])
     assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))          # 2/3
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 2/3
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 * 1 / (2 + 1 + 1)) / 2)  # (2/3 + 1/2) / 2
     assert m["confusion_matrix"] == [[1, 1], [1, 2]]
     assert m["labels"] == ["neg", "pos"]
@@ -188,9 +211,15 @@ def test_multiclass_metrics_skip_absent_labels_and_have_no_binary_f1():
 
 # --- model -------------------------------------------------------------------------------------
 def test_tiny_model_forward_eval_metrics_and_predictions(tmp_path, tokenizer):
-    run = make_run(task="glue:rte", train_file=str(RTE / "train.tsv"), eval_file=str(RTE / "dev.tsv"),
-                   max_train_samples=8, max_eval_samples=5, max_seq_length=48)
-    task = ClassifyTask(run, tokenizer)
+    run = make_run(
+        task="glue:rte",
+        train_file=str(RTE / "train.tsv"),
+        eval_file=str(RTE / "dev.tsv"),
+        max_train_samples=8,
+        max_eval_samples=5,
+        max_seq_length=48,
+    )
+    task = task_of(run, tokenizer)
     torch.manual_seed(0)
     model = build_model("tiny", task.model_class(), **task.model_config_overrides())
     assert model.config.id2label == {0: "entailment", 1: "not_entailment"}

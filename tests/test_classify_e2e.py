@@ -1,5 +1,6 @@
 """Classification end to end on the shared GLUE files: 2 real ranks (ZeRO-2 and ZeRO-3), outputs a
 user reads, the exported model through transformers, and early stopping that keeps the best model."""
+
 import json
 
 import pytest
@@ -11,16 +12,47 @@ pytestmark = pytest.mark.slow
 SST2, RTE = DATA / "glue" / "SST-2", DATA / "glue" / "RTE"
 
 
-@pytest.mark.parametrize("ds_config,data,extra", [
-    ("zero2", SST2, []),
-    ("zero3", RTE, ["--text-column", "sentence1", "--text-pair-column", "sentence2"]),
-])
+@pytest.mark.parametrize(
+    "ds_config,data,extra",
+    [
+        ("zero2", SST2, []),
+        ("zero3", RTE, ["--text-column", "sentence1", "--text-pair-column", "sentence2"]),
+    ],
+)
 def test_classify_writes_outputs_and_exports(tmp_path, ds_config, data, extra):
     out = tmp_path / "run"
-    bertscale(["finetune", "--task", "classify", "--model", "tiny", "--train-file", str(data / "train.tsv"),
-               "--eval-file", str(data / "dev.tsv"), "--max-train-samples", "256", "--max-eval-samples", "96",
-               "--micro-batch-size", "16", "--max-steps", "8", "--learning-rate", "1e-3", "--log-every", "4",
-               "--ds-config", ds_config, "--wandb-mode", "disabled", "--output-dir", str(out), *extra])
+    bertscale(
+        [
+            "finetune",
+            "--task",
+            "classify",
+            "--model",
+            "tiny",
+            "--train-file",
+            str(data / "train.tsv"),
+            "--eval-file",
+            str(data / "dev.tsv"),
+            "--max-train-samples",
+            "256",
+            "--max-eval-samples",
+            "96",
+            "--micro-batch-size",
+            "16",
+            "--max-steps",
+            "8",
+            "--learning-rate",
+            "1e-3",
+            "--log-every",
+            "4",
+            "--ds-config",
+            ds_config,
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(out),
+            *extra,
+        ]
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert {"accuracy", "macro_f1", "f1", "confusion_matrix", "labels"} <= set(results)
     assert sum(map(sum, results["confusion_matrix"])) == 96
@@ -36,8 +68,16 @@ def test_classify_writes_outputs_and_exports(tmp_path, ds_config, data, extra):
         text = {"text": row["text"], "text_pair": row["text_pair"]} if row.get("text_pair") else row["text"]
         got = clf(text)
         assert (got[0] if isinstance(got, list) else got)["label"] == row["prediction"]
-    proc = bertscale_single(["predict", "--model", str(out / "final"), "--text", rows[0]["text"],
-                             *(["--text-pair", rows[0]["text_pair"]] if rows[0].get("text_pair") else [])])
+    proc = bertscale_single(
+        [
+            "predict",
+            "--model",
+            str(out / "final"),
+            "--text",
+            rows[0]["text"],
+            *(["--text-pair", rows[0]["text_pair"]] if rows[0].get("text_pair") else []),
+        ]
+    )
     assert proc.returncode == 0 and proc.stdout.startswith(f"label: {rows[0]['prediction']}  probability: ")
 
 
@@ -45,11 +85,39 @@ def test_early_stopping_exports_the_best_model(tmp_path):
     """A learning rate too small to move accuracy: evaluations stall, the run stops after the
     patience runs out, and final/ is the first (best) evaluated checkpoint, not the last step."""
     out = tmp_path / "run"
-    bertscale(["finetune", "--task", "classify", "--model", "tiny", "--train-file", str(SST2 / "train.tsv"),
-               "--eval-file", str(SST2 / "dev.tsv"), "--max-train-samples", "512", "--max-eval-samples", "64",
-               "--micro-batch-size", "8", "--max-steps", "40", "--learning-rate", "1e-9", "--eval-every", "2",
-               "--early-stopping-patience", "2", "--keep", "1", "--wandb-mode", "disabled",
-               "--output-dir", str(out)])
+    bertscale(
+        [
+            "finetune",
+            "--task",
+            "classify",
+            "--model",
+            "tiny",
+            "--train-file",
+            str(SST2 / "train.tsv"),
+            "--eval-file",
+            str(SST2 / "dev.tsv"),
+            "--max-train-samples",
+            "512",
+            "--max-eval-samples",
+            "64",
+            "--micro-batch-size",
+            "8",
+            "--max-steps",
+            "40",
+            "--learning-rate",
+            "1e-9",
+            "--eval-every",
+            "2",
+            "--early-stopping-patience",
+            "2",
+            "--keep",
+            "1",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ]
+    )
     evals = [r for r in read_metrics(out) if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]  # stopped after 2 evaluations without improvement
     assert json.loads((out / "eval_results.json").read_text())["step"] == 2
@@ -65,15 +133,30 @@ def test_early_stopping_exports_the_best_model(tmp_path):
     assert torch.equal(final[key], best[key]) and not torch.equal(final[key], last[key])
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--text-column", "review"], "columns found: sentence, label"),
-    (["--eval-file", "EMPTY"], "empty"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--text-column", "review"], "columns found: sentence, label"),
+        (["--eval-file", "EMPTY"], "empty"),
+    ],
+)
 def test_bad_classification_input(tmp_path, args, expected):
     empty = tmp_path / "empty.tsv"
     empty.write_text("")
     args = [str(empty) if a == "EMPTY" else a for a in args]
-    proc = bertscale_single(["finetune", "--task", "classify", "--model", "tiny", "--train-file",
-                             str(SST2 / "train.tsv"), "--output-dir", str(tmp_path / "o"), *args])
+    proc = bertscale_single(
+        [
+            "finetune",
+            "--task",
+            "classify",
+            "--model",
+            "tiny",
+            "--train-file",
+            str(SST2 / "train.tsv"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            *args,
+        ]
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert expected in proc.stderr.lower() or expected in proc.stderr, proc.stderr[-1500:]

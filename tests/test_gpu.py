@@ -1,6 +1,7 @@
 """The CUDA path (run with `make gpu-test` on a GPU box; skipped without CUDA): FusedAdam's CUDA
 kernel, fp16 dynamic loss scaling with no test fixture, bf16, ZeRO-2/3 with activation
 checkpointing, and a ZeRO-3 fine-tune whose exported model matches."""
+
 import json
 import os
 
@@ -9,8 +10,7 @@ import torch
 
 from conftest import ROOT, SQUAD, bertscale, launch, read_metrics
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def gpu_env(**extra):
@@ -41,25 +41,54 @@ def test_fp16_loss_scale_backs_off_on_gpu(tmp_path):
     rows = steps_of(launch(["tests/workers/engine_steps.py", "20", f"{path}:fp16"], ranks=1, env=gpu_env()))
     assert rows[0]["dtype"] == "torch.float16"
     scales = [r["scale"] for r in rows]
-    assert scales[0] <= 2.0 ** 23 and rows[-1]["skipped"] >= 1, scales
+    assert scales[0] <= 2.0**23 and rows[-1]["skipped"] >= 1, scales
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
 
 
 @pytest.mark.parametrize("ds_config,precision", [("zero2", "bf16"), ("zero3", "bf16"), ("zero3", "fp16")])
 def test_zero_with_activation_checkpointing_learns(ds_config, precision):
-    rows = steps_of(launch(["tests/workers/engine_steps.py", "12", f"{ds_config}:{precision}"], ranks=1,
-                           env=gpu_env()))
+    rows = steps_of(launch(["tests/workers/engine_steps.py", "12", f"{ds_config}:{precision}"], ranks=1, env=gpu_env()))
     assert rows[0]["zero"] == int(ds_config[-1])
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
 
 
 def test_zero3_finetune_exports_matching_model(tmp_path):
     out = tmp_path / "run"
-    bertscale(["finetune", "--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-               "--eval-file", str(SQUAD / "dev-v1.1-part1.json"), "--max-train-samples", "400",
-               "--max-eval-samples", "100", "--max-seq-length", "256", "--micro-batch-size", "16", "--max-steps", "20",
-               "--ds-config", "zero3", "--bf16", "--gradient-checkpointing", "--learning-rate", "1e-3",
-               "--log-every", "5", "--output-dir", str(out)], ranks=1, env=gpu_env())
+    bertscale(
+        [
+            "finetune",
+            "--task",
+            "squad",
+            "--model",
+            "tiny",
+            "--train-file",
+            str(SQUAD / "train-v1.1-first44.json"),
+            "--eval-file",
+            str(SQUAD / "dev-v1.1-part1.json"),
+            "--max-train-samples",
+            "400",
+            "--max-eval-samples",
+            "100",
+            "--max-seq-length",
+            "256",
+            "--micro-batch-size",
+            "16",
+            "--max-steps",
+            "20",
+            "--ds-config",
+            "zero3",
+            "--bf16",
+            "--gradient-checkpointing",
+            "--learning-rate",
+            "1e-3",
+            "--log-every",
+            "5",
+            "--output-dir",
+            str(out),
+        ],
+        ranks=1,
+        env=gpu_env(),
+    )
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] and "mem_peak_gib" in rows[-1]
     from transformers import AutoModelForQuestionAnswering

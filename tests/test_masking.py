@@ -1,4 +1,5 @@
 """Dynamic whole-word masking: statistics on a large real batch, word integrity, special tokens."""
+
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,9 @@ def test_masking_statistics_on_a_large_batch(tokenizer, rows):
 def test_special_tokens_and_padding_are_never_masked(tokenizer, rows):
     batch = collator(tokenizer)(rows, generator=torch.Generator().manual_seed(2))
     original = pad_ids(rows, tokenizer.pad_token_id, batch["input_ids"].shape[1])
-    special = torch.isin(original, torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                                 tokenizer.pad_token_id]))
+    special = torch.isin(
+        original, torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
+    )
     assert special.sum() > 3 * len(rows)
     assert (batch["labels"][special] == IGNORE_INDEX).all()
     assert torch.equal(batch["input_ids"][special], original[special])
@@ -119,12 +121,19 @@ def test_fixed_masks_repeat_and_rows_with_labels_are_only_padded(tokenizer, rows
     assert (masked, labels) == collate.fixed_masks(ids, starts, seed=42)
     assert (masked, labels) != collate.fixed_masks(ids, starts, seed=43)
 
-    eval_rows = [{"input_ids": m, "token_type_ids": r["token_type_ids"], "labels": lab,
-                  "next_sentence_label": r["next_sentence_label"]} for m, lab, r in zip(masked, labels, rows)]
+    eval_rows = [
+        {
+            "input_ids": m,
+            "token_type_ids": r["token_type_ids"],
+            "labels": lab,
+            "next_sentence_label": r["next_sentence_label"],
+        }
+        for m, lab, r in zip(masked, labels, rows)
+    ]
     batch = collate(eval_rows)
     assert sorted(batch) == ["attention_mask", "input_ids", "labels", "next_sentence_label", "token_type_ids"]
     assert batch["input_ids"][0, : len(masked[0])].tolist() == masked[0]
-    assert batch["labels"][0, len(masked[0]):].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0, len(masked[0]) :].eq(IGNORE_INDEX).all()
 
 
 def test_collate_output_is_what_bert_for_pretraining_takes(tokenizer, rows):

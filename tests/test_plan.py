@@ -1,5 +1,6 @@
 """`bertscale plan`: memory sizes, parameter counts, the activation formula against a measured
 step (the issue's bar: within 20%), the recommendation and the DeepSpeed JSON it writes."""
+
 import json
 
 import pytest
@@ -10,14 +11,22 @@ from transformers import BertForQuestionAnswering
 from bertscale import memory_model, models
 from bertscale.cli import main
 from bertscale.errors import UserError
-from bertscale.plan import (GiB, count_params, load_model_config, model_state_bytes, parse_memory, plan,
-                            plan_command)
+from bertscale.plan import GiB, count_params, load_model_config, model_state_bytes, parse_memory, plan, plan_command
 
 LARGE = "bert-large-cased-whole-word-masking"
 
 
-@pytest.mark.parametrize("text, expected", [("16GB", 16 * GiB), ("80GiB", 80 * GiB), ("24g", 24 * GiB),
-                                            ("512MB", 512 * 2**20), ("1.5TB", int(1.5 * 2**40)), ("40", 40 * GiB)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("16GB", 16 * GiB),
+        ("80GiB", 80 * GiB),
+        ("24g", 24 * GiB),
+        ("512MB", 512 * 2**20),
+        ("1.5TB", int(1.5 * 2**40)),
+        ("40", 40 * GiB),
+    ],
+)
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
@@ -28,10 +37,17 @@ def test_parse_memory_rejects_nonsense(text):
         parse_memory(text)
 
 
-@pytest.mark.parametrize("kwargs, flag", [(dict(gpu_memory="16XB"), "--gpu-memory"), (dict(gpus=0), "--gpus"),
-                                          (dict(seq_len=1024), "--seq-len"), (dict(micro_batch=0), "--micro-batch"),
-                                          (dict(gpus=8, global_batch=4), "--global-batch"),
-                                          (dict(model="/no/such/dir"), "--model")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(gpu_memory="16XB"), "--gpu-memory"),
+        (dict(gpus=0), "--gpus"),
+        (dict(seq_len=1024), "--seq-len"),
+        (dict(micro_batch=0), "--micro-batch"),
+        (dict(gpus=8, global_batch=4), "--global-batch"),
+        (dict(model="/no/such/dir"), "--model"),
+    ],
+)
 def test_bad_inputs_are_user_errors(kwargs, flag):
     args = dict(model=LARGE, gpus=1, gpu_memory="16GB", seq_len=384) | kwargs
     with pytest.raises(UserError, match=flag):
@@ -76,15 +92,17 @@ def _measured_vs_estimated(name, seq_len, micro_batch, checkpointing):
         models.enable_activation_checkpointing(model)
     batch = memory_model.synthetic_batch(model.config, seq_len, micro_batch)
     measured = memory_model.measure_step_peak(model, batch)
-    estimate = memory_model.estimate(memory_model.BertShape.of(model.config), seq_len, micro_batch, "fp32",
-                                     memory_model.CPU).peak(checkpointing)
+    estimate = memory_model.estimate(
+        memory_model.BertShape.of(model.config), seq_len, micro_batch, "fp32", memory_model.CPU
+    ).peak(checkpointing)
     return estimate, measured
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("model, seq_len, micro_batch", [("tiny", 384, 4), ("minilm", 384, 2)])
-def test_activation_estimate_within_20_percent_of_measured_peak(model, seq_len, micro_batch, checkpointing,
-                                                                 minilm_path):
+def test_activation_estimate_within_20_percent_of_measured_peak(
+    model, seq_len, micro_batch, checkpointing, minilm_path
+):
     name = str(minilm_path) if model == "minilm" else model
     estimate, measured = _measured_vs_estimated(name, seq_len, micro_batch, checkpointing)
     assert 0.8 < estimate / measured < 1.2, (estimate, measured)
@@ -99,11 +117,17 @@ def test_pretraining_estimate_within_20_percent_of_measured_peak(micro_batch, ch
     model = models.build_model("tiny", BertForPreTrainingOnMasked)
     if checkpointing:
         models.enable_activation_checkpointing(model)
-    batch = memory_model.synthetic_batch(model.config, 128, micro_batch, "pretrain")
+    batch = memory_model.synthetic_batch(model.config, 128, micro_batch, "masked_lm")
     measured = memory_model.measure_step_peak(model, batch)
-    estimate = memory_model.estimate(memory_model.BertShape.of(model.config), 128, micro_batch, "fp32",
-                                     memory_model.CPU, "pretrain",
-                                     masked_tokens=int((batch["labels"] != -100).sum())).peak(checkpointing)
+    estimate = memory_model.estimate(
+        memory_model.BertShape.of(model.config),
+        128,
+        micro_batch,
+        "fp32",
+        memory_model.CPU,
+        "masked_lm",
+        masked_tokens=int((batch["labels"] != -100).sum()),
+    ).peak(checkpointing)
     assert 0.8 < estimate / measured < 1.2, (estimate, measured)
 
 
@@ -121,8 +145,11 @@ def test_recommends_zero2_when_it_fits_and_writes_a_deepspeed_config(tmp_path, c
     cfg = json.loads(out.read_text())
     assert "auto" not in out.read_text()
     ds = DeepSpeedConfig(cfg)  # DeepSpeed's own parser accepts it
-    assert (ds.zero_optimization_stage, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == \
-        (2, c.micro_batch, result.grad_accum)
+    assert (ds.zero_optimization_stage, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (
+        2,
+        c.micro_batch,
+        result.grad_accum,
+    )
     assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
 
 

@@ -1,4 +1,5 @@
 """Pretraining data and task: reading corpora, sentence pairs for NSP, errors, the MLM/NSP task."""
+
 import gzip
 import json
 import random
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale.config import RunConfig
+from bertscale import data as batching
+from bertscale import tasks
 from bertscale.errors import UserError
 from bertscale.models import build_model, load_tokenizer
 from bertscale.tasks import pretraining_data as data
 from bertscale.tasks.masking import IGNORE_INDEX
-from bertscale.tasks.pretraining import TASKS, PretrainingTask
 
 CORPUS = Path("/work/shared/data/corpus")
 WIKITEXT = CORPUS / "wikitext-2-raw" / "wiki.test.raw"
@@ -34,6 +35,10 @@ def wiki_docs():
 @pytest.fixture(scope="module")
 def wiki_pairs(tokenizer, wiki_docs):
     return data.build_pairs(wiki_docs, tokenizer, 128, 0.1, seed=0)
+
+
+def pretrain_run(**flags):
+    return tasks.make_run("pretrain", **flags)
 
 
 def write(path: Path, text: str, encoding="utf-8") -> Path:
@@ -60,9 +65,11 @@ def test_document_separators(tmp_path):
     text = "\ufeffFirst doc line one.\r\nStill first.\r\n\r\n  \r\nSecond doc.\r\n\r\n\r\nThird doc.\r\n"
     path = write(tmp_path / "a.txt", text)
     assert data.read_file_documents(path, "blank-line", "text") == [
-        "First doc line one. Still first.", "Second doc.", "Third doc."]
-    assert data.read_file_documents(path, "file", "text") == [
-        "First doc line one. Still first. Second doc. Third doc."]
+        "First doc line one. Still first.",
+        "Second doc.",
+        "Third doc.",
+    ]
+    assert data.read_file_documents(path, "file", "text") == ["First doc line one. Still first. Second doc. Third doc."]
     with pytest.raises(UserError, match="--document-separator 'para'"):
         data.read_file_documents(path, "para", "text")
 
@@ -110,21 +117,32 @@ def test_unreadable_files(tmp_path):
 
 def test_corpus_too_small_for_one_batch(tmp_path, tokenizer):
     write(tmp_path / "small.txt", "One short document. It has two sentences.\n\nA second one.\n")
-    run = RunConfig(train_files=(str(tmp_path / "*.txt"),), validation_split_percentage=0, micro_batch_size=4)
-    with pytest.raises(UserError, match=r"1 file, 2 documents with text: \d training pairs .* fewer than one "
-                                        r"batch \(--micro-batch-size 4 x 2 processes = 8\)"):
-        PretrainingTask(run, tokenizer, world_size=2).train_features()
+    run = pretrain_run(train_files=(str(tmp_path / "*.txt"),), validation_split_percentage=0, micro_batch_size=4)
+    task = tasks.build(run, tokenizer)
+    rows = len(task.train_features())
+    with pytest.raises(
+        UserError,
+        match=r"1 file, 2 documents with text: \d training pairs .* fewer than one "
+        r"batch \(--micro-batch-size 4 x 2 processes = 8\)",
+    ):
+        batching.plan_steps(rows, run.optim, 2, task.describe_train_data(rows))
     with pytest.raises(UserError, match="--train-files 'corpus/\\*.txt' or --dataset"):
-        PretrainingTask(RunConfig(), tokenizer).train_features()
+        tasks.build(pretrain_run(), tokenizer).train_features()
 
 
 # --- sentences and pairs ---------------------------------------------------------------------------
 def test_sentence_splitter():
-    text = ('Mr. Bennet was among the earliest. "Is he married?" she asked. He said no! '
-            'J. Smith came at 5 p.m. Then 3 left.')
+    text = (
+        'Mr. Bennet was among the earliest. "Is he married?" she asked. He said no! '
+        "J. Smith came at 5 p.m. Then 3 left."
+    )
     assert data.split_sentences(text) == [
-        "Mr. Bennet was among the earliest.", '"Is he married?" she asked.', "He said no!",
-        "J. Smith came at 5 p.m.", "Then 3 left."]
+        "Mr. Bennet was among the earliest.",
+        '"Is he married?" she asked.',
+        "He said no!",
+        "J. Smith came at 5 p.m.",
+        "Then 3 left.",
+    ]
     assert data.split_sentences("He was an actor . He had a role .") == ["He was an actor .", "He had a role ."]
 
 
@@ -188,9 +206,10 @@ def test_hold_out_is_seeded_disjoint_and_never_empty():
 # --- the task ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def task(tokenizer):
-    run = RunConfig(task="pretrain", model="tiny", train_files=(str(WIKITEXT),), document_separator="heading",
-                    micro_batch_size=8, seed=5)
-    return TASKS["pretrain"](run, tokenizer)
+    run = pretrain_run(
+        model="tiny", train_files=(str(WIKITEXT),), document_separator="heading", micro_batch_size=8, seed=5
+    )
+    return tasks.build(run, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +218,12 @@ def eval_set(task):
 
 
 def test_task_features_and_fixed_eval_masks(task, eval_set):
-    assert (task.name, task.main_metric, task.greater_is_better, task.max_seq_length) == ("pretrain", "mlm_loss",
-                                                                                          False, 128)
+    assert (task.name, task.main_metric, task.greater_is_better, task.max_seq_length) == (
+        "pretrain",
+        "mlm_loss",
+        False,
+        128,
+    )
     train = task.train_features()
     assert set(train.column_names) == {"input_ids", "token_type_ids", "word_start", "next_sentence_label"}
     assert 50 < len(eval_set.features) < len(train) / 5  # 3 of 62 documents held out
@@ -250,11 +273,11 @@ def test_streamed_hub_dataset_builds_pairs_on_the_fly(tmp_path, tokenizer):
         for i in range(120):
             sentences = [" ".join(rng.choice(words) for _ in range(8)).capitalize() + "." for _ in range(30)]
             f.write(json.dumps({"text": " ".join(sentences), "id": i}) + "\n")
-    run = RunConfig(dataset=str(tmp_path), streaming=True, validation_split_percentage=5, max_train_samples=200)
-    task = PretrainingTask(run, tokenizer)
+    run = pretrain_run(dataset=str(tmp_path), streaming=True, validation_split_percentage=5, max_train_samples=200)
+    task = tasks.build(run, tokenizer)
     rows = list(task.train_features())
     assert len(rows) == 200 and all(len(r["input_ids"]) <= 128 for r in rows)
     assert 0.35 < sum(r["next_sentence_label"] for r in rows) / 200 < 0.65
     assert len(task.eval_set().features) > 10  # pairs of the first 50 documents, held out of training
     with pytest.raises(UserError, match=r"no 'body' column"):
-        PretrainingTask(RunConfig(dataset=str(tmp_path), text_field="body"), tokenizer).train_features()
+        tasks.build(pretrain_run(dataset=str(tmp_path), text_field="body"), tokenizer).train_features()

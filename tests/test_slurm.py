@@ -3,6 +3,7 @@
 One cluster serves the module. Each test submits the real script with sbatch, overriding only the
 GPU-cluster headers (partition, GPUs, CPUs, shape) on the command line, and the run settings by env.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,20 +35,45 @@ def cluster():
         yield c
 
 
-def submit(cluster: SlurmCluster, tmp_path: Path, shape: list[str], script: str = "slurm/squad.sh",
-           env: dict | None = None, **run_args) -> tuple[int, Path, Path]:
+def submit(
+    cluster: SlurmCluster,
+    tmp_path: Path,
+    shape: list[str],
+    script: str = "slurm/squad.sh",
+    env: dict | None = None,
+    **run_args,
+) -> tuple[int, Path, Path]:
     """sbatch a script with a tiny CPU run (SQuAD unless `env` says otherwise); returns
     (job id, job log, output dir)."""
     out = tmp_path / "run"
     log = tmp_path / "job.out"
-    flags = {"max_steps": 3, "save_every": 1000, "max_train_samples": 16, "max_eval_samples": 8,
-             "micro_batch_size": 4, "eval_batch_size": 8, "max_seq_length": 128,
-             "preprocessing_workers": 1, "log_every": 1, "wandb_mode": "disabled", **run_args}
-    job_env = cpu_env(PYTHON=sys.executable, MODEL="tiny", OUTPUT_DIR=out,
-                      EXTRA_ARGS=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()),
-                      **(env or {"TRAIN_FILE": DATA / "squad" / "train-v1.1-first44.json",
-                                 "EVAL_FILE": DATA / "squad" / "dev-v1.1-part1.json",
-                                 "BERTSCALE_DOC_STRIDE": 32}))
+    flags = {
+        "max_steps": 3,
+        "save_every": 1000,
+        "max_train_samples": 16,
+        "max_eval_samples": 8,
+        "micro_batch_size": 4,
+        "eval_batch_size": 8,
+        "max_seq_length": 128,
+        "preprocessing_workers": 1,
+        "log_every": 1,
+        "wandb_mode": "disabled",
+        **run_args,
+    }
+    job_env = cpu_env(
+        PYTHON=sys.executable,
+        MODEL="tiny",
+        OUTPUT_DIR=out,
+        EXTRA_ARGS=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()),
+        **(
+            env
+            or {
+                "TRAIN_FILE": DATA / "squad" / "train-v1.1-first44.json",
+                "EVAL_FILE": DATA / "squad" / "dev-v1.1-part1.json",
+                "BERTSCALE_DOC_STRIDE": 32,
+            }
+        ),
+    )
     job = cluster.sbatch([*CPU_HEADERS, *shape, f"--output={log}", script], env=job_env, cwd=ROOT)
     return job, log, out
 
@@ -96,9 +122,14 @@ def test_squad_job_completes_with_two_ranks(cluster, tmp_path, shape):
 
 def test_pretrain_job_completes_on_two_nodes(cluster, tmp_path):
     corpus = DATA / "corpus" / "wikitext-2-raw"
-    job, log, out = submit(cluster, tmp_path, TWO_NODES, "slurm/pretrain.sh",
-                           env={"TRAIN_FILES": f"{corpus}/*.raw", "BERTSCALE_DOCUMENT_SEPARATOR": "heading"},
-                           max_seq_length=64)
+    job, log, out = submit(
+        cluster,
+        tmp_path,
+        TWO_NODES,
+        "slurm/pretrain.sh",
+        env={"TRAIN_FILES": f"{corpus}/*.raw", "BERTSCALE_DOCUMENT_SEPARATOR": "heading"},
+        max_seq_length=64,
+    )
     end = cluster.wait(job, timeout=300)
     text = read(log)
     assert end["JobState"] == "COMPLETED", f"{end}\n{text}"
@@ -132,8 +163,12 @@ def rank_pid(job: int, rank: int) -> int:
             argv = (proc / "cmdline").read_text().split("\0")
         except (OSError, ValueError):
             continue
-        if (env.get("SLURM_JOB_ID") == str(job) and env.get("SLURM_PROCID") == str(rank)
-                and "bertscale" in argv and "python" in Path(argv[0]).name):
+        if (
+            env.get("SLURM_JOB_ID") == str(job)
+            and env.get("SLURM_PROCID") == str(rank)
+            and "bertscale" in argv
+            and "python" in Path(argv[0]).name
+        ):
             return int(proc.name)
     raise AssertionError(f"no python process of rank {rank} of job {job}")
 
@@ -150,5 +185,8 @@ def test_dead_rank_fails_the_job_fast_and_names_it(cluster, tmp_path):
     assert took < 120, f"job took {took:.0f}s to fail after rank 1 died"
     # The job's last word lists the failed ranks: the killed one, and those that stopped because of it.
     summary = text.strip().splitlines()[-1]
-    assert re.search(r"job \d+ FAILED \(srun exit code \d+\); failed ranks.*rank 1 \(node bsnode2, local rank 0\) "
-                     r"exit code 137", summary), text
+    assert re.search(
+        r"job \d+ FAILED \(srun exit code \d+\); failed ranks.*rank 1 \(node bsnode2, local rank 0\) "
+        r"exit code 137",
+        summary,
+    ), text

@@ -1,21 +1,48 @@
 """SQuAD end to end: 2 real ranks (ZeRO-2 and ZeRO-3), tiny BERT, real SQuAD files; every output a
 user reads, scored again by the official v1.1 script and reloaded through transformers."""
+
 import json
 import subprocess
 import sys
 
 import pytest
+from official.evaluate_v1_1 import evaluate as official_v1
 
 from conftest import ROOT, SQUAD, bertscale, cpu_env, read_metrics, train_rows
-from official.evaluate_v1_1 import evaluate as official_v1
 
 pytestmark = pytest.mark.slow
 N_EVAL = 120
-COMMON = ["finetune", "--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-          "--eval-file", str(SQUAD / "dev-v1.1-part1.json"), "--max-train-samples", "240",
-          "--max-eval-samples", str(N_EVAL), "--max-seq-length", "256", "--doc-stride", "128",
-          "--micro-batch-size", "8", "--max-steps", "14", "--learning-rate", "1e-3", "--log-every", "2",
-          "--eval-every", "7", "--save-every", "7"]
+COMMON = [
+    "finetune",
+    "--task",
+    "squad",
+    "--model",
+    "tiny",
+    "--train-file",
+    str(SQUAD / "train-v1.1-first44.json"),
+    "--eval-file",
+    str(SQUAD / "dev-v1.1-part1.json"),
+    "--max-train-samples",
+    "240",
+    "--max-eval-samples",
+    str(N_EVAL),
+    "--max-seq-length",
+    "256",
+    "--doc-stride",
+    "128",
+    "--micro-batch-size",
+    "8",
+    "--max-steps",
+    "14",
+    "--learning-rate",
+    "1e-3",
+    "--log-every",
+    "2",
+    "--eval-every",
+    "7",
+    "--save-every",
+    "7",
+]
 
 
 @pytest.fixture(scope="module", params=["zero2", "zero3"])
@@ -42,8 +69,16 @@ def first_questions(path, n):
 
 
 def test_all_outputs_written(run_dir):
-    for name in ("predictions.json", "eval_results.json", "metrics.jsonl", "run_config.json", "final/config.json",
-                 "final/model.safetensors", "final/tokenizer_config.json", "checkpoints/latest"):
+    for name in (
+        "predictions.json",
+        "eval_results.json",
+        "metrics.jsonl",
+        "run_config.json",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer_config.json",
+        "checkpoints/latest",
+    ):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "run_config.json").read_text())
     assert config["run"]["model"] == "tiny" and config["world_size"] == 2
@@ -70,15 +105,37 @@ def test_eval_results_match_official_script(run_dir):
 def test_exported_model_scores_the_same_through_evaluate(run_dir, tmp_path):
     """final/ holds the gathered weights (ZeRO-3 included): re-scoring it without DeepSpeed
     training gives the eval results the engine produced."""
-    proc = subprocess.run([sys.executable, "-m", "bertscale", "evaluate", "--task", "squad", "--model",
-                           str(run_dir / "final"), "--eval-file", str(SQUAD / "dev-v1.1-part1.json"),
-                           "--max-eval-samples", str(N_EVAL), "--max-seq-length", "256",
-                           "--output-dir", str(tmp_path)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bertscale",
+            "evaluate",
+            "--task",
+            "squad",
+            "--model",
+            str(run_dir / "final"),
+            "--eval-file",
+            str(SQUAD / "dev-v1.1-part1.json"),
+            "--max-eval-samples",
+            str(N_EVAL),
+            "--max-seq-length",
+            "256",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp_path / "eval_results.json").read_text())
     ours = json.loads((run_dir / "eval_results.json").read_text())
     assert again["f1"] == pytest.approx(ours["f1"], abs=1e-6)
-    assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((run_dir / "predictions.json").read_text())
+    assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads(
+        (run_dir / "predictions.json").read_text()
+    )
 
 
 def test_predict_gives_the_same_answers(run_dir):
@@ -87,20 +144,41 @@ def test_predict_gives_the_same_answers(run_dir):
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from bertscale.config import RunConfig
+    from bertscale import tasks
     from bertscale.tasks.squad import answer
 
     model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
     predictions = json.loads((run_dir / "predictions.json").read_text())
-    run = RunConfig(max_seq_length=256, doc_stride=128)
-    questions = [(q["id"], q["question"], p["context"]) for a in first_questions(SQUAD / "dev-v1.1-part1.json", 30)
-                 for p in a["paragraphs"] for q in p["qas"]]
+    task = tasks.build(tasks.make_run("squad", max_seq_length=256, doc_stride=128), tokenizer)
+    questions = [
+        (q["id"], q["question"], p["context"])
+        for a in first_questions(SQUAD / "dev-v1.1-part1.json", 30)
+        for p in a["paragraphs"]
+        for q in p["qas"]
+    ]
     with torch.no_grad():
-        got = {qid: answer(model, tokenizer, question, context, run)[0] for qid, question, context in questions}
+        got = {qid: answer(model, tokenizer, question, context, task)[0] for qid, question, context in questions}
     assert got == {qid: predictions[qid] for qid, _, _ in questions}
     qid, question, context = questions[0]
-    proc = subprocess.run([sys.executable, "-m", "bertscale", "predict", "--model", str(run_dir / "final"),
-                           "--question", question, "--context", context, "--max-seq-length", "256"],
-                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bertscale",
+            "predict",
+            "--model",
+            str(run_dir / "final"),
+            "--question",
+            question,
+            "--context",
+            context,
+            "--max-seq-length",
+            "256",
+        ],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith(f"answer: {predictions[qid]!r}  score: "), proc.stdout

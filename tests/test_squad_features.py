@@ -1,16 +1,21 @@
 """SQuAD windows: labels decode back to the answer, windows without it point at [CLS], the
 stride overlap and the question cap hold, for an uncased and a cased WordPiece tokenizer."""
+
 import shutil
 
 import pytest
 from transformers import BertTokenizer
 
 from bertscale.errors import UserError
-from bertscale.config import RunConfig
 from bertscale.models import load_tokenizer
+from bertscale.tasks.squad import SquadArgs
 from bertscale.tasks.squad_data import DEMO_DIR, load_squad_file
-from bertscale.tasks.squad_features import (build_features, prepare_eval_features, prepare_train_features,
-                                            window_settings)
+from bertscale.tasks.squad_features import (
+    build_features,
+    prepare_eval_features,
+    prepare_train_features,
+    window_settings,
+)
 
 WINDOW = dict(max_seq_length=96, doc_stride=24, max_query_length=24)
 
@@ -62,7 +67,7 @@ def test_every_labelled_span_decodes_to_the_answer(which, request, demo):
         # The span is the smallest run of tokens that covers the answer's characters.
         assert offsets[s][0] <= start_char < offsets[s][1]
         assert offsets[e][0] < end_char <= offsets[e][1]
-        decoded = example["context"][offsets[s][0]:offsets[e][1]]
+        decoded = example["context"][offsets[s][0] : offsets[e][1]]
         assert text in decoded
         exact += decoded == text
     # Answers are far shorter than the 24-token overlap, so every one lies whole in some window.
@@ -73,8 +78,12 @@ def test_every_labelled_span_decodes_to_the_answer(which, request, demo):
 def test_hand_worked_windows(uncased):
     # [CLS] where did the cat sit ? [SEP] = 8 tokens; 13 - 8 - 1 [SEP] leaves 4 context tokens a window,
     # and consecutive windows share 2 (the stride): [the cat sat on] [sat on the mat] [the mat .]
-    examples = {"id": ["q1"], "question": ["Where did the cat sit?"], "context": ["The cat sat on the mat."],
-                "answers": [{"text": ["the mat"], "answer_start": [15]}]}
+    examples = {
+        "id": ["q1"],
+        "question": ["Where did the cat sit?"],
+        "context": ["The cat sat on the mat."],
+        "answers": [{"text": ["the mat"], "answer_start": [15]}],
+    }
     window = dict(max_seq_length=13, doc_stride=2, max_query_length=64)
     train = prepare_train_features(examples, uncased, **window)
     evals = prepare_eval_features(examples, uncased, **window)
@@ -110,9 +119,12 @@ def test_stride_overlap_and_lengths(cased, demo):
 @pytest.mark.parametrize("max_seq_length", [64, 256])  # the question alone overflows a window / fits in one
 def test_long_question_is_cut_at_a_word_boundary(uncased, max_seq_length):
     word = "hippopotamuses"  # hip ##pop ##ota ##mus ##es
-    examples = {"id": ["q"], "question": [" ".join([word] * 20) + " where is it?"],
-                "context": ["It is here, in the box."],
-                "answers": [{"text": ["in the box"], "answer_start": [12]}]}
+    examples = {
+        "id": ["q"],
+        "question": [" ".join([word] * 20) + " where is it?"],
+        "context": ["It is here, in the box."],
+        "answers": [{"text": ["in the box"], "answer_start": [12]}],
+    }
     # 12 tokens would end inside the third word: the cut keeps two whole words, 10 tokens.
     train = prepare_train_features(examples, uncased, max_seq_length=max_seq_length, doc_stride=8, max_query_length=12)
     tokens = uncased.convert_ids_to_tokens(train["input_ids"][0])
@@ -124,30 +136,40 @@ def test_long_question_is_cut_at_a_word_boundary(uncased, max_seq_length):
 def test_left_padding_tokenizer_puts_context_first(uncased):
     tokenizer = load_tokenizer("tiny")
     tokenizer.padding_side = "left"
-    examples = {"id": ["q1"], "question": ["Where did the cat sit?"], "context": ["The cat sat on the mat."],
-                "answers": [{"text": ["the mat"], "answer_start": [15]}]}
+    examples = {
+        "id": ["q1"],
+        "question": ["Where did the cat sit?"],
+        "context": ["The cat sat on the mat."],
+        "answers": [{"text": ["the mat"], "answer_start": [15]}],
+    }
     train = prepare_train_features(examples, tokenizer, max_seq_length=64, doc_stride=8, max_query_length=64)
     evals = prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=8, max_query_length=64)
     s, e = train["start_positions"][0], train["end_positions"][0]
     offsets = evals["offset_mapping"][0]
     assert (s, e) == (5, 6)  # [CLS] the cat sat on the mat . [SEP] where ...
-    assert examples["context"][0][offsets[s][0]:offsets[e][1]] == "the mat"
+    assert examples["context"][0][offsets[s][0] : offsets[e][1]] == "the mat"
     assert offsets[9].tolist() == [-1, -1]  # the question comes after the context
 
 
 def test_impossible_question_points_at_cls(uncased):
-    examples = {"id": ["q"], "question": ["Who?"], "context": ["Nobody is named here."],
-                "answers": [{"text": [], "answer_start": []}]}
+    examples = {
+        "id": ["q"],
+        "question": ["Who?"],
+        "context": ["Nobody is named here."],
+        "answers": [{"text": [], "answer_start": []}],
+    }
     train = prepare_train_features(examples, uncased, max_seq_length=64, doc_stride=8, max_query_length=64)
     assert (train["start_positions"], train["end_positions"]) == ([0], [0])
 
 
 def test_window_settings_reject_a_stride_without_room(uncased):
-    run = RunConfig(max_seq_length=128, doc_stride=128, max_query_length=64)
     with pytest.raises(UserError, match="--doc-stride 128"):
-        window_settings(run, uncased, 384)
-    assert window_settings(RunConfig(), uncased, 384) == {"max_seq_length": 384, "doc_stride": 128,
-                                                          "max_query_length": 64}
+        window_settings(128, SquadArgs(doc_stride=128, max_query_length=64), uncased)
+    assert window_settings(384, SquadArgs(), uncased) == {
+        "max_seq_length": 384,
+        "doc_stride": 128,
+        "max_query_length": 64,
+    }
 
 
 def test_features_from_a_file_are_cached(uncased, demo):
@@ -163,9 +185,12 @@ def test_windows_cache_key_follows_tokenizer_settings_and_split(uncased, cased, 
 
     key = windows_fingerprint(demo, uncased, True, WINDOW)
     assert key == windows_fingerprint(demo, load_tokenizer("tiny"), True, dict(WINDOW))
-    others = {windows_fingerprint(demo, cased, True, WINDOW), windows_fingerprint(demo, uncased, False, WINDOW),
-              windows_fingerprint(demo, uncased, True, {**WINDOW, "doc_stride": 16}),
-              windows_fingerprint(demo.select(range(5)), uncased, True, WINDOW)}
+    others = {
+        windows_fingerprint(demo, cased, True, WINDOW),
+        windows_fingerprint(demo, uncased, False, WINDOW),
+        windows_fingerprint(demo, uncased, True, {**WINDOW, "doc_stride": 16}),
+        windows_fingerprint(demo.select(range(5)), uncased, True, WINDOW),
+    }
     assert key not in others and len(others) == 4
     # and datasets really serves the cached windows under it
     first = build_features(demo, uncased, training=True, **WINDOW)

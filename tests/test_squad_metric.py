@@ -1,20 +1,21 @@
 """Official SQuAD v1.1 / v2.0 metrics on hand-worked cases, n-best post-processing on constructed
 logits, and the task's evaluation end to end (oracle logits, a real tiny model, `answer`)."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from bertscale.config import RunConfig
+from bertscale import tasks
 from bertscale.models import build_model, load_tokenizer
 from bertscale.tasks.squad import SquadTask, SquadV2Task, answer, offset_rows
 from bertscale.tasks.squad_data import DEMO_DIR
 from bertscale.tasks.squad_metric import compute_f1, f1_score_v1, normalize_answer, squad_v1, squad_v2
 from bertscale.tasks.squad_postprocess import postprocess, window_candidates
 
-
 # --- metrics -------------------------------------------------------------------------------------
+
 
 def test_normalize_answer():
     assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
@@ -44,14 +45,27 @@ def test_v2_hand_worked():
     out = squad_v2(predictions, references, na_probs)
     # Raw exact: 1 1 0 0 1; raw F1: 1 1 2/3 0 1 ('in 1990' vs '1990': P 1/2, R 1). With
     # --na-prob-thresh 1.0, q2 and q5 count as no-answer predictions: q2 stays right, q5 becomes wrong.
-    assert out == pytest.approx({
-        "exact": 40.0, "f1": 100 * (2 + 2 / 3) / 5, "total": 5,
-        "HasAns_exact": 100 / 3, "HasAns_f1": 100 * (1 + 2 / 3) / 3, "HasAns_total": 3,
-        "NoAns_exact": 50.0, "NoAns_f1": 50.0, "NoAns_total": 2,
-        # Threshold search over na_probs in rising order q1 q4 q3 q5 q2, starting from 2 (all no-answer)
-        # and adding each question's score, or -1 for a no-answer question given an answer (q4):
-        # exact 2 -> 3 (best, at -3.0) -> 2 -> 2 -> 3 -> 3; F1 2 -> 3 -> 2 -> 2.667 -> 3.667 (best, at 1.5) -> 3.667.
-        "best_exact": 60.0, "best_exact_thresh": -3.0, "best_f1": 100 * (3 + 2 / 3) / 5, "best_f1_thresh": 1.5})
+    assert out == pytest.approx(
+        {
+            "exact": 40.0,
+            "f1": 100 * (2 + 2 / 3) / 5,
+            "total": 5,
+            "HasAns_exact": 100 / 3,
+            "HasAns_f1": 100 * (1 + 2 / 3) / 3,
+            "HasAns_total": 3,
+            "NoAns_exact": 50.0,
+            "NoAns_f1": 50.0,
+            "NoAns_total": 2,
+            # Threshold search over na_probs in rising order q1 q4 q3 q5 q2, starting from 2 (all no-answer)
+            # and adding each question's score, or -1 for a no-answer question given an answer (q4):
+            # exact 2 -> 3 (best, at -3.0) -> 2 -> 2 -> 3 -> 3;
+            # F1 2 -> 3 -> 2 -> 2.667 -> 3.667 (best, at 1.5) -> 3.667.
+            "best_exact": 60.0,
+            "best_exact_thresh": -3.0,
+            "best_f1": 100 * (3 + 2 / 3) / 5,
+            "best_f1_thresh": 1.5,
+        }
+    )
     # A lower threshold turns q3's answer into a no-answer prediction too.
     out = squad_v2(predictions, references, na_probs, na_prob_thresh=0.0)
     assert (out["exact"], out["f1"]) == (40.0, 40.0)
@@ -61,8 +75,14 @@ def test_v2_without_na_probs_and_gold_that_normalises_to_nothing():
     references = {"q1": ["The"], "q2": ["Paris"]}
     out = squad_v2({"q1": "", "q2": "paris"}, references)
     # 'The' normalises to '', so only an empty prediction is right; q1 still counts as HasAns.
-    assert out == {"exact": 100.0, "f1": 100.0, "total": 2, "HasAns_exact": 100.0, "HasAns_f1": 100.0,
-                   "HasAns_total": 2}
+    assert out == {
+        "exact": 100.0,
+        "f1": 100.0,
+        "total": 2,
+        "HasAns_exact": 100.0,
+        "HasAns_f1": 100.0,
+        "HasAns_total": 2,
+    }
 
 
 # --- post-processing -----------------------------------------------------------------------------
@@ -127,8 +147,8 @@ def test_postprocess_v2_null_threshold_and_windows():
 def _reference_best(start, end, offsets, n_best, max_len):
     """run_qa's double loop over the top-n starts and ends, for comparison."""
     best = None
-    for s in np.argsort(start)[-1:-n_best - 1:-1]:
-        for e in np.argsort(end)[-1:-n_best - 1:-1]:
+    for s in np.argsort(start)[-1 : -n_best - 1 : -1]:
+        for e in np.argsort(end)[-1 : -n_best - 1 : -1]:
             if offsets[s][0] < 0 or offsets[e][0] < 0 or e < s or e - s + 1 > max_len:
                 continue
             if best is None or start[s] + end[e] > best[0]:
@@ -153,6 +173,7 @@ def test_window_candidates_match_the_double_loop():
 
 
 # --- the task's evaluation end to end ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -186,12 +207,16 @@ def _oracle_outputs(eval_set):
     return result
 
 
-@pytest.mark.parametrize("task_class, eval_file", [(SquadTask, DEMO_DIR / "dev.json"),
-                                                   (SquadV2Task, "/work/shared/data/squad/dev-v2.0-first5.json")])
+@pytest.mark.parametrize(
+    "task_class, eval_file",
+    [(SquadTask, DEMO_DIR / "dev.json"), (SquadV2Task, "/work/shared/data/squad/dev-v2.0-first5.json")],
+)
 def test_oracle_logits_score_100(task_class, eval_file, tokenizer, tmp_path):
-    run = RunConfig(task=task_class.name, eval_file=str(eval_file), max_eval_samples=150, max_seq_length=128,
-                    doc_stride=32)
-    task = task_class(run, tokenizer)
+    run = tasks.make_run(
+        task_class.names[0], eval_file=str(eval_file), max_eval_samples=150, max_seq_length=128, doc_stride=32
+    )
+    task = tasks.build(run, tokenizer)
+    assert type(task) is task_class
     eval_set = task.eval_set()
     assert len(eval_set.examples) == 150 and len(eval_set.features) > 150  # some contexts need several windows
     metrics = task.compute_metrics(eval_set, _oracle_outputs(eval_set), tmp_path)
@@ -208,16 +233,23 @@ def test_real_model_eval_batches_and_answer(tokenizer, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 
     torch.manual_seed(0)
-    run = RunConfig(task="squad_v2", eval_file=str(DEMO_DIR / "dev.json"), max_eval_samples=12, max_seq_length=96,
-                    doc_stride=32, max_query_length=32)
-    task = SquadV2Task(run, tokenizer)
+    run = tasks.make_run(
+        "squad_v2",
+        eval_file=str(DEMO_DIR / "dev.json"),
+        max_eval_samples=12,
+        max_seq_length=96,
+        doc_stride=32,
+        max_query_length=32,
+    )
+    task = tasks.build(run, tokenizer)
+    assert type(task) is SquadV2Task
     model = build_model("tiny", task.model_class()).eval()
     assert isinstance(model, torch.nn.Module) and task.model_class() is AutoModelForQuestionAnswering
     eval_set = task.eval_set()
     outputs = {"start_logits": [], "end_logits": []}
     rows = list(eval_set.features)
     for i in range(0, len(rows), 5):
-        batch = task.collate(rows[i:i + 5])
+        batch = task.collate(rows[i : i + 5])
         assert set(batch) == {"input_ids", "token_type_ids", "attention_mask"}
         with torch.no_grad():
             out = model(**batch)
@@ -229,5 +261,5 @@ def test_real_model_eval_batches_and_answer(tokenizer, tmp_path):
     assert metrics["total"] == 12
 
     context = eval_set.examples[0]["context"]
-    text, probability = answer(model, tokenizer, eval_set.examples[0]["question"], context, run)
+    text, probability = answer(model, tokenizer, eval_set.examples[0]["question"], context, task)
     assert text in context and 0.0 <= probability <= 1.0

@@ -6,19 +6,23 @@ model config, so an exported model carries it: label names in the hub's ClassLab
 sorted (numeric labels in numeric order). Without training data (evaluate, predict) the map comes
 from the trained model's config, passed in as `id2label`.
 """
+
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import RunConfig
-from ..errors import UserError
-from .base import EvalSet, Task
+from .. import hub
+from ..args import EVAL, opt
+from ..errors import UserError, first_line
+from . import register
+from .base import EvalSet, Task, first_rows
 from .classify_metrics import METRICS, classification_metrics, softmax, write_predictions
 
 GLUE_HUB = "nyu-mll/glue"
@@ -39,20 +43,38 @@ class GlueSpec:
 GLUE = {
     "sst2": GlueSpec(text=("sentence",)),
     "cola": GlueSpec(text=("sentence",)),
-    "mrpc": GlueSpec(text=("sentence1", "#1 String"), pair=("sentence2", "#2 String"),
-                     label=("label", "Quality"), main_metric="f1"),
+    "mrpc": GlueSpec(
+        text=("sentence1", "#1 String"), pair=("sentence2", "#2 String"), label=("label", "Quality"), main_metric="f1"
+    ),
     "rte": GlueSpec(text=("sentence1",), pair=("sentence2",)),
     "qnli": GlueSpec(text=("question",), pair=("sentence",)),
     "qqp": GlueSpec(text=("question1",), pair=("question2",), label=("label", "is_duplicate"), main_metric="f1"),
-    "mnli": GlueSpec(text=("premise", "sentence1"), pair=("hypothesis", "sentence2"),
-                     label=("label", "gold_label"), eval_split="validation_matched"),
+    "mnli": GlueSpec(
+        text=("premise", "sentence1"),
+        pair=("hypothesis", "sentence2"),
+        label=("label", "gold_label"),
+        eval_split="validation_matched",
+    ),
 }
+
+
+@dataclass
+class ClassifyArgs:
+    text_column: str | None = opt(None, "Classify: column with the text (default: sentence/text).", commands=EVAL)
+    text_pair_column: str | None = opt(None, "Classify: column with the second text of a pair.", commands=EVAL)
+    label_column: str | None = opt(None, "Classify: column with the label (default: label).", commands=EVAL)
+
+
+@dataclass
+class ClassifyPredict:
+    text: str | None = opt(None, "Classification models: the text.", commands=("predict",))
+    text_pair: str | None = opt(None, "Classification models: the second text of a pair.", commands=("predict",))
 
 
 @dataclass(frozen=True)
 class Columns:
     text: str
-    pair: Optional[str]
+    pair: str | None
     label: str
 
 
@@ -70,30 +92,48 @@ class EvalTexts:
     """What predictions.jsonl shows next to each prediction."""
 
     texts: list[str]
-    pairs: Optional[list[str]]
+    pairs: list[str] | None
 
 
+@register
 class ClassifyTask(Task):
-    name = "classify"
+    names = ("classify", "glue:*")
+    title = "Classification"
+    Args = ClassifyArgs
+    Predict = ClassifyPredict
+    architectures = ("ForSequenceClassification",)
+    output_files = ("predictions.jsonl",)
+    plan_model_class = "BertForSequenceClassification"
+    plan_head = "pooled"
+    metrics = METRICS
     main_metric = "accuracy"
     greater_is_better = True
 
-    def __init__(self, run: RunConfig, tokenizer, id2label: Optional[Mapping] = None):
+    def __init__(self, tokenizer, id2label: Mapping | None = None, **settings):
         """`id2label`: the label map of an already trained model (its config's id2label). Give it when
         evaluating or predicting; leave it out when fine-tuning, where the training data decides."""
-        super().__init__(run, tokenizer)
-        self.name = run.task
-        self.glue_name = glue_name(run.task)
+        name = settings.get("name") or "classify"
+        self.glue_name = glue_name(name)
         self.glue = GLUE[self.glue_name] if self.glue_name else None
-        self.main_metric = run.metric_for_best or (self.glue.main_metric if self.glue else "accuracy")
-        if self.main_metric not in METRICS:
-            raise UserError(f"--metric-for-best {self.main_metric}: classification reports {', '.join(METRICS)}")
+        self.main_metric = self.glue.main_metric if self.glue else "accuracy"
+        super().__init__(tokenizer, **{**settings, "name": name})
         self._labels = self._checked(labels_from_id2label(id2label), "the model's id2label") if id2label else None
-        self._splits: dict[str, Optional[Split]] = {}
+        self._splits: dict[str, Split | None] = {}
 
     @classmethod
-    def for_evaluation(cls, run: RunConfig, tokenizer, model_config):
-        return cls(run, tokenizer, id2label=model_config.id2label)
+    def matches(cls, name: str) -> bool:
+        if not super().matches(name):
+            return False
+        glue_name(name)  # an unknown glue:NAME is refused here, with the names that exist
+        return True
+
+    @classmethod
+    def predict(cls, model_dir: str, inputs: ClassifyPredict, max_seq_length: int) -> str:
+        return predict_one(model_dir, inputs)
+
+    @classmethod
+    def for_model(cls, tokenizer, model_config, **settings) -> ClassifyTask:
+        return cls(tokenizer, id2label=model_config.id2label, **settings)
 
     # --- labels and model --------------------------------------------------------------------
     @property
@@ -102,9 +142,11 @@ class ClassifyTask(Task):
         if self._labels is None:
             split = self._split("train")
             if split is None:
-                raise UserError(f"--task {self.name}: no training data to take the labels from; pass "
-                                "--train-file or --dataset, or evaluate a model trained by bertscale "
-                                "(its config holds the label map)")
+                raise UserError(
+                    f"--task {self.name}: no training data to take the labels from; pass "
+                    "--train-file or --dataset, or evaluate a model trained by bertscale "
+                    "(its config holds the label map)"
+                )
             names = class_names(split.data, split.columns.label)
             if names is None:
                 names = sort_labels({str(v) for v in split.data[split.columns.label]})
@@ -115,8 +157,9 @@ class ClassifyTask(Task):
         if len(labels) < 2:
             raise UserError(f"{where}: only the label {labels!r}; a classifier needs at least two")
         if self.main_metric == "f1" and len(labels) != 2:
-            raise UserError(f"{where}: metric f1 needs two labels, found {len(labels)}; "
-                            "use --metric-for-best macro_f1 or accuracy")
+            raise UserError(
+                f"{where}: metric f1 needs two labels, found {len(labels)}; use --metric-for-best macro_f1 or accuracy"
+            )
         return labels
 
     def model_class(self):
@@ -125,42 +168,49 @@ class ClassifyTask(Task):
         return AutoModelForSequenceClassification
 
     def model_config_overrides(self) -> dict:
-        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
-                "label2id": {name: i for i, name in enumerate(self.labels)}}
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+        }
 
     # --- data --------------------------------------------------------------------------------
     def train_features(self):
         split = self._split("train")
         if split is None:
             raise UserError(f"--task {self.name} needs training data: pass --train-file or --dataset")
-        return self._encode(split, head(split.data, self.run.max_train_samples))
+        return self._encode(split, first_rows(split.data, self.data.max_train_samples))
 
-    def eval_set(self) -> Optional[EvalSet]:
+    def describe_train_data(self, rows: int) -> str:
+        split = self._split("train")
+        return f"{split.where if split else '--task ' + self.name}: {rows} training rows"
+
+    def eval_set(self) -> EvalSet | None:
         split = self._split("eval")
         if split is None:
             return None
-        data = head(split.data, self.run.max_eval_samples)
+        data = first_rows(split.data, self.data.max_eval_samples)
         pair = split.columns.pair
         texts = EvalTexts(list(data[split.columns.text]), list(data[pair]) if pair else None)
         return EvalSet(features=self._encode(split, data), examples=texts)
 
-    def _split(self, which: str) -> Optional[Split]:
+    def _split(self, which: str) -> Split | None:
         if which not in self._splits:
             self._splits[which] = self._load_split(which)
         return self._splits[which]
 
-    def _load_split(self, which: str) -> Optional[Split]:
-        path = self.run.train_file if which == "train" else self.run.eval_file
+    def _load_split(self, which: str) -> Split | None:
+        path = self.data.train_file if which == "train" else self.data.eval_file
         if path:
             data, where = load_table(path), path
-        elif self.run.dataset or self.glue:
-            name = self.run.dataset or GLUE_HUB
-            config = self.run.dataset_config or self.glue_name
+        elif self.data.dataset or self.glue:
+            name = self.data.dataset or GLUE_HUB
+            config = self.data.dataset_config or self.glue_name
             split = "train" if which == "train" else (self.glue.eval_split if self.glue else "validation")
             data, where = load_hub_split(name, config, split)
         else:
             return None
-        return Split(data, where, find_columns(data.column_names, where, self.run, self.glue))
+        return Split(data, where, find_columns(data.column_names, where, self.args, self.glue))
 
     def _encode(self, split: Split, data):
         """Tokenise in batches (cached by datasets) into model inputs plus `labels` ids."""
@@ -168,41 +218,54 @@ class ClassifyTask(Task):
         names = class_names(data, split.columns.label)
         unknown = sorted({label_name(v, names) for v in data[split.columns.label]} - label2id.keys())
         if unknown:
-            raise UserError(f"{split.where}: label(s) {', '.join(map(repr, unknown[:5]))} not among the labels "
-                            f"the model knows ({', '.join(self.labels)}); fix the file or train on data that "
-                            "has them")
-        workers = self.run.preprocessing_workers
+            raise UserError(
+                f"{split.where}: label(s) {', '.join(map(repr, unknown[:5]))} not among the labels "
+                f"the model knows ({', '.join(self.labels)}); fix the file or train on data that "
+                "has them"
+            )
+        workers = self.data.preprocessing_workers
         return data.map(
-            encode_batch, batched=True, remove_columns=data.column_names,
-            num_proc=workers if workers > 1 else None, desc=f"Tokenising {split.where}",
-            fn_kwargs=dict(tokenizer=self.tokenizer, columns=split.columns, max_length=self.max_seq_length,
-                           label2id=label2id, names=names))
+            encode_batch,
+            batched=True,
+            remove_columns=data.column_names,
+            num_proc=workers if workers > 1 else None,
+            desc=f"Tokenising {split.where}",
+            fn_kwargs=dict(
+                tokenizer=self.tokenizer,
+                columns=split.columns,
+                max_length=self.max_seq_length,
+                label2id=label2id,
+                names=names,
+            ),
+        )
 
     # --- eval --------------------------------------------------------------------------------
     def eval_outputs(self, output, batch) -> dict[str, list]:
-        return {"logits": list(output.logits.detach().float().cpu().numpy()),
-                "labels": batch["labels"].cpu().tolist()}
+        return {"logits": list(output.logits.detach().float().cpu().numpy()), "labels": batch["labels"].cpu().tolist()}
 
-    def compute_metrics(self, eval_set: EvalSet, outputs: dict[str, list], output_dir: Optional[Path]) -> dict:
+    def compute_metrics(self, eval_set: EvalSet, outputs: dict[str, list], output_dir: Path | None) -> dict:
         probs = softmax(np.stack(outputs["logits"]))
         y_true = np.asarray(outputs["labels"])
         metrics = classification_metrics(y_true, probs.argmax(axis=-1), self.labels)
         if output_dir is not None:
             texts = eval_set.examples
-            write_predictions(Path(output_dir) / "predictions.jsonl", texts.texts, texts.pairs, y_true, probs,
-                              self.labels)
+            write_predictions(
+                Path(output_dir) / "predictions.jsonl", texts.texts, texts.pairs, y_true, probs, self.labels
+            )
         return metrics
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def glue_name(task: str) -> Optional[str]:
+def glue_name(task: str) -> str | None:
     """'sst2' for 'glue:sst2', None for tasks that are not GLUE shortcuts."""
     if not task.startswith("glue:"):
         return None
-    name = task[len("glue:"):]
+    name = task[len("glue:") :]
     if name not in GLUE:
-        raise UserError(f"--task {task}: unknown GLUE task; choose one of "
-                        f"{', '.join('glue:' + n for n in GLUE)}, or --task classify with your own data")
+        raise UserError(
+            f"--task {task}: unknown GLUE task; choose one of "
+            f"{', '.join('glue:' + n for n in GLUE)}, or --task classify with your own data"
+        )
     return name
 
 
@@ -222,7 +285,7 @@ def sort_labels(names) -> list[str]:
         return sorted(names)
 
 
-def class_names(data, column: str) -> Optional[list[str]]:
+def class_names(data, column: str) -> list[str] | None:
     """The names of a hub ClassLabel column (its ids are indices into them), else None."""
     from datasets import ClassLabel
 
@@ -230,7 +293,7 @@ def class_names(data, column: str) -> Optional[list[str]]:
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
-def label_name(value, names: Optional[list[str]]) -> str:
+def label_name(value, names: list[str] | None) -> str:
     # ClassLabel -1 (unlabelled hub test splits) stays '-1' so that it is reported as unknown.
     if names is not None and 0 <= value < len(names):
         return names[value]
@@ -244,11 +307,7 @@ def encode_batch(batch, tokenizer, columns: Columns, max_length: int, label2id: 
     return encoded
 
 
-def head(data, n: Optional[int]):
-    return data.select(range(min(n, len(data)))) if n else data
-
-
-def find_columns(found: Sequence[str], where: str, run: RunConfig, glue: Optional[GlueSpec]) -> Columns:
+def find_columns(found: Sequence[str], where: str, args: ClassifyArgs, glue: GlueSpec | None) -> Columns:
     """Text, pair and label columns: the flags' names if given, else the GLUE task's or the defaults
     (sentence/text; sentence1 + sentence2 as a pair; label). A pair is only guessed along with the text."""
     listing = ", ".join(found)
@@ -262,21 +321,23 @@ def find_columns(found: Sequence[str], where: str, run: RunConfig, glue: Optiona
         for name in candidates:
             if name in found:
                 return name
-        raise UserError(f"{where}: no column {' or '.join(map(repr, candidates))}; columns found: {listing}. "
-                        f"Name the column with {flag}")
+        raise UserError(
+            f"{where}: no column {' or '.join(map(repr, candidates))}; columns found: {listing}. "
+            f"Name the column with {flag}"
+        )
 
     text_names, pair_names = (glue.text, glue.pair) if glue else (("sentence", "text"), ())
     if not glue and "sentence1" in found and "sentence2" in found:
         text_names, pair_names = ("sentence1",), ("sentence2",)
-    text = given(run.text_column, "--text-column") if run.text_column else first(text_names, "--text-column")
-    if run.text_pair_column:
-        pair = given(run.text_pair_column, "--text-pair-column")
-    elif pair_names and not run.text_column:
+    text = given(args.text_column, "--text-column") if args.text_column else first(text_names, "--text-column")
+    if args.text_pair_column:
+        pair = given(args.text_pair_column, "--text-pair-column")
+    elif pair_names and not args.text_column:
         pair = first(pair_names, "--text-pair-column")
     else:
         pair = None
     label_names = glue.label if glue else ("label",)
-    label = given(run.label_column, "--label-column") if run.label_column else first(label_names, "--label-column")
+    label = given(args.label_column, "--label-column") if args.label_column else first(label_names, "--label-column")
     return Columns(text, pair, label)
 
 
@@ -305,9 +366,15 @@ def load_table(path: str):
         else:
             delimiter = "\t" if kind == ".tsv" else ","
             header = read_header(p, delimiter)
-            data = load_dataset("csv", data_files=str(p), split="train", delimiter=delimiter,
-                                quoting=csv.QUOTE_NONE if kind == ".tsv" else csv.QUOTE_MINIMAL,
-                                keep_default_na=False, features=Features({c: Value("string") for c in header}))
+            data = load_dataset(
+                "csv",
+                data_files=str(p),
+                split="train",
+                delimiter=delimiter,
+                quoting=csv.QUOTE_NONE if kind == ".tsv" else csv.QUOTE_MINIMAL,
+                keep_default_na=False,
+                features=Features({c: Value("string") for c in header}),
+            )
     except DatasetGenerationError as e:
         raise UserError(f"{path}: cannot read it as {kind[1:].upper()} ({first_line(e.__cause__ or e)})") from None
     if len(data) == 0:
@@ -315,16 +382,9 @@ def load_table(path: str):
     return data
 
 
-def load_hub_split(name: str, config: Optional[str], split: str):
-    from datasets import load_dataset
-    from datasets.exceptions import DatasetsError
-
+def load_hub_split(name: str, config: str | None, split: str):
     where = f"{name}" + (f" ({config})" if config else "") + f" split '{split}'"
-    try:
-        return load_dataset(name, config, split=split), where
-    except (OSError, ValueError, DatasetsError) as e:
-        raise UserError(f"hub dataset {where}: cannot load it ({first_line(e)}); for local data pass "
-                        "--train-file / --eval-file") from None
+    return hub.load_split(name, config, split, hint="For local data pass --train-file / --eval-file."), where
 
 
 def count_nonblank_lines(path: Path, stop: int) -> int:
@@ -344,15 +404,11 @@ def read_header(path: Path, delimiter: str) -> list[str]:
     return first.split("\t") if delimiter == "\t" else next(csv.reader([first]))
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # --- predict -----------------------------------------------------------------------------------
 @torch.no_grad()
-def predict_texts(model, tokenizer, texts: Sequence[str], text_pairs: Optional[Sequence[str]] = None,
-                  batch_size: int = 32) -> list[tuple[str, float]]:
+def predict_texts(
+    model, tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 32
+) -> list[tuple[str, float]]:
     """(label name, probability) of the most likely label for each text (or text pair), with the
     label names of the model's config. A plain torch model on any device, no DeepSpeed."""
     if text_pairs and len(text_pairs) != len(texts):
@@ -362,21 +418,24 @@ def predict_texts(model, tokenizer, texts: Sequence[str], text_pairs: Optional[S
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     results = []
     for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        pairs = list(text_pairs[start:start + batch_size]) if text_pairs else None
-        inputs = tokenizer(chunk, pairs, truncation=True, max_length=max_length, padding=True,
-                           return_tensors="pt").to(device)
+        chunk = list(texts[start : start + batch_size])
+        pairs = list(text_pairs[start : start + batch_size]) if text_pairs else None
+        inputs = tokenizer(chunk, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(
+            device
+        )
         probs, ids = model(**inputs).logits.float().softmax(dim=-1).max(dim=-1)
         results += [(model.config.id2label[int(i)], float(p)) for i, p in zip(ids, probs)]
     return results
 
 
-def task_for(name: str) -> Optional[type]:
-    """ClassifyTask for 'classify' and every 'glue:NAME' (the instance reads the GLUE name from
-    run.task); UserError for an unknown GLUE name; None for names that are not classification."""
-    if name == "classify" or glue_name(name):
-        return ClassifyTask
-    return None
+def predict_one(model_dir: str, inputs: ClassifyPredict) -> str:
+    if not inputs.text:
+        raise UserError(f"{model_dir} is a classification model: pass --text (and --text-pair for pairs)")
+    from transformers import AutoModelForSequenceClassification
 
+    from ..models import load_tokenizer
 
-TASKS = {"classify": ClassifyTask}
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    pairs = [inputs.text_pair] if inputs.text_pair else None
+    label, prob = predict_texts(model, load_tokenizer(model_dir), [inputs.text], pairs)[0]
+    return f"label: {label}  probability: {prob:.3f}"

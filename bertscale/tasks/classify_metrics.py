@@ -1,9 +1,10 @@
 """Classification metrics and the predictions file, computed from gathered logits and label ids."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -44,8 +45,14 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_n
     return metrics
 
 
-def write_predictions(path: Path, texts: Sequence[str], text_pairs: Optional[Sequence[str]],
-                      y_true: Sequence[int], probs: np.ndarray, label_names: Sequence[str]) -> None:
+def write_predictions(
+    path: Path,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    label_names: Sequence[str],
+) -> None:
     """One JSON line per example: index, text(s), true and predicted label, its probability."""
     pred = probs.argmax(axis=-1)
     with open(path, "w", encoding="utf-8") as f:
@@ -53,6 +60,9 @@ def write_predictions(path: Path, texts: Sequence[str], text_pairs: Optional[Seq
             row = {"index": i, "text": text}
             if text_pairs is not None:
                 row["text_pair"] = text_pairs[i]
-            row.update(label=label_names[y_true[i]], prediction=label_names[pred[i]],
-                       probability=round(float(probs[i, pred[i]]), 6))
+            row.update(
+                label=label_names[y_true[i]],
+                prediction=label_names[pred[i]],
+                probability=round(float(probs[i, pred[i]]), 6),
+            )
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

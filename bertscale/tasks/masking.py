@@ -6,10 +6,10 @@ choice of positions follows Google's create_masked_lm_predictions: per sequence,
 round(mlm_probability * maskable tokens) predictions (at most max_predictions), taken word by
 word in random order; a masked position becomes [MASK] 80%, a random token 10%, itself 10%.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def word_spans(word_start: np.ndarray, maskable: np.ndarray, whole_word: bool = 
     return positions, bounds
 
 
-def choose_words(lengths: list[int], budget: int, generator: Optional[torch.Generator]) -> list[int]:
+def choose_words(lengths: list[int], budget: int, generator: torch.Generator | None) -> list[int]:
     """Words in random order until `budget` tokens are taken; a word that would overshoot is
     skipped (as in Google's code), so the count is exact whenever short words remain."""
     chosen, count = [], 0
@@ -47,9 +47,18 @@ def choose_words(lengths: list[int], budget: int, generator: Optional[torch.Gene
     return chosen
 
 
-def mask_tokens(input_ids: torch.Tensor, word_start: torch.Tensor, *, special_ids, mask_id: int,
-                vocab_size: int, mlm_probability: float = 0.15, max_predictions: int = 20,
-                whole_word: bool = True, generator: Optional[torch.Generator] = None):
+def mask_tokens(
+    input_ids: torch.Tensor,
+    word_start: torch.Tensor,
+    *,
+    special_ids,
+    mask_id: int,
+    vocab_size: int,
+    mlm_probability: float = 0.15,
+    max_predictions: int = 20,
+    whole_word: bool = True,
+    generator: torch.Generator | None = None,
+):
     """Mask a padded [batch, seq] batch. Returns (masked input_ids, labels): labels hold the
     original id at predicted positions and -100 elsewhere. The inputs are not modified."""
     ids = input_ids.numpy()
@@ -60,7 +69,7 @@ def mask_tokens(input_ids: torch.Tensor, word_start: torch.Tensor, *, special_id
         positions, bounds = word_spans(starts[r], maskable[r], whole_word)
         budget = min(max_predictions, max(1, round(len(positions) * mlm_probability))) if len(positions) else 0
         words = choose_words(np.diff(bounds).tolist(), budget, generator)
-        picked = np.concatenate([positions[bounds[w]:bounds[w + 1]] for w in words] or [np.zeros(0, np.int64)])
+        picked = np.concatenate([positions[bounds[w] : bounds[w + 1]] for w in words] or [np.zeros(0, np.int64)])
         rows.append(np.full(len(picked), r))
         cols.append(picked)
     rows = torch.from_numpy(np.concatenate(rows)).long()
@@ -73,7 +82,8 @@ def mask_tokens(input_ids: torch.Tensor, word_start: torch.Tensor, *, special_id
     to_mask, to_random = roll < 0.8, (roll >= 0.8) & (roll < 0.9)  # the other 10% stay unchanged
     masked[rows[to_mask], cols[to_mask]] = mask_id
     masked[rows[to_random], cols[to_random]] = torch.randint(
-        vocab_size, (int(to_random.sum()),), generator=generator, dtype=input_ids.dtype)
+        vocab_size, (int(to_random.sum()),), generator=generator, dtype=input_ids.dtype
+    )
     return masked, labels
 
 
@@ -94,11 +104,16 @@ class MaskingCollator:
     whole_word: bool = True
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, **settings) -> "MaskingCollator":
-        return cls(pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
-                   special_ids=tuple(tokenizer.all_special_ids), vocab_size=len(tokenizer), **settings)
+    def from_tokenizer(cls, tokenizer, **settings) -> MaskingCollator:
+        return cls(
+            pad_id=tokenizer.pad_token_id,
+            mask_id=tokenizer.mask_token_id,
+            special_ids=tuple(tokenizer.all_special_ids),
+            vocab_size=len(tokenizer),
+            **settings,
+        )
 
-    def __call__(self, rows: list[dict], generator: Optional[torch.Generator] = None) -> dict:
+    def __call__(self, rows: list[dict], generator: torch.Generator | None = None) -> dict:
         batch = pad_batch(rows, self.pad_id, ("labels", "next_sentence_label"))
         word_start = batch.pop("word_start", None)
         if "labels" not in batch:
@@ -106,10 +121,17 @@ class MaskingCollator:
         return batch
 
     def mask(self, input_ids: torch.Tensor, word_start: torch.Tensor, generator=None):
-        return mask_tokens(input_ids, word_start, special_ids=self.special_ids, mask_id=self.mask_id,
-                           vocab_size=self.vocab_size, mlm_probability=self.mlm_probability,
-                           max_predictions=self.max_predictions, whole_word=self.whole_word,
-                           generator=generator)
+        return mask_tokens(
+            input_ids,
+            word_start,
+            special_ids=self.special_ids,
+            mask_id=self.mask_id,
+            vocab_size=self.vocab_size,
+            mlm_probability=self.mlm_probability,
+            max_predictions=self.max_predictions,
+            whole_word=self.whole_word,
+            generator=generator,
+        )
 
     def fixed_masks(self, input_ids: list[list[int]], word_start: list[list[int]], seed: int):
         """The same masks on every call for a given seed, row by row (independent of batching):

@@ -5,38 +5,75 @@ streamed); pretraining_data.py turns them into NSP sentence pairs and masking.py
 afresh. Evaluation uses held-out documents with masks fixed once from --seed, so evaluations of
 one run (and of runs with different batch sizes or world sizes) are comparable.
 """
+
 from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from ..args import PRETRAIN, opt
 from ..errors import UserError
-from .base import EvalSet, Task
+from . import register
+from .base import EvalSet, Task, first_rows
 from .masking import IGNORE_INDEX, MaskingCollator
-from .pretraining_data import (build_pairs, clean_document, hold_out, load_hub_documents, read_documents,
-                               streamed_pairs)
+from .pretraining_data import build_pairs, clean_document, hold_out, load_hub_documents, read_documents, streamed_pairs
 
 STREAM_EVAL_PER_MILLE = 10  # a stream has no length: --validation-split-percentage 5 holds out its first 50 docs
 
 
+@dataclass
+class PretrainArgs:
+    train_files: tuple = opt(
+        (), "Pretrain: text globs (.txt, .txt.gz, .jsonl); repeat the flag for more.", commands=PRETRAIN, multiple=True
+    )
+    eval_files: tuple = opt(
+        (), "Pretrain: held-out text globs (else a split of the training docs).", commands=PRETRAIN, multiple=True
+    )
+    validation_split_percentage: float = opt(5.0, "Pretrain: percent of documents held out.", commands=PRETRAIN)
+    document_separator: str = opt(
+        "blank-line",
+        "Pretrain: how documents are split in .txt files: "
+        "blank-line, file (one document per file), or heading (WikiText ' = T = ').",
+        commands=PRETRAIN,
+    )
+    text_field: str = opt(
+        "text", "Pretrain: field holding the text in .jsonl files and hub datasets.", commands=PRETRAIN
+    )
+    streaming: bool = opt(False, "Pretrain: stream a hub dataset instead of downloading it whole.", commands=PRETRAIN)
+    short_seq_prob: float = opt(0.1, "Pretrain: share of pairs built shorter than max length.", commands=PRETRAIN)
+    mlm_probability: float = opt(0.15, "Pretrain: share of tokens masked.", commands=PRETRAIN)
+    whole_word_masking: bool = opt(True, "Pretrain: mask all WordPieces of a word together.", commands=PRETRAIN)
+    max_predictions_per_seq: int = opt(
+        20, "Pretrain: cap on masked tokens per sequence (80 for seq 512).", commands=PRETRAIN
+    )
+
+
+@register
 class PretrainingTask(Task):
-    name = "pretrain"
+    names = ("pretrain",)
+    command = "pretrain"
+    title = "Pretraining (MLM + NSP)"
+    Args = PretrainArgs
+    architectures = ("ForPreTraining",)
+    plan_model_class = "BertForPreTraining"
+    plan_head = "masked_lm"
     main_metric = "mlm_loss"
     greater_is_better = False
     default_max_seq_length = 128
 
-    def __init__(self, run, tokenizer, world_size: Optional[int] = None):
-        super().__init__(run, tokenizer)
-        self.world_size = world_size  # None: ask torch.distributed when the data is built
+    def __init__(self, tokenizer, **settings):
+        super().__init__(tokenizer, **settings)
+        args = self.args
         self.collator = MaskingCollator.from_tokenizer(
-            tokenizer, mlm_probability=run.mlm_probability, max_predictions=run.max_predictions_per_seq,
-            whole_word=run.whole_word_masking)
+            tokenizer,
+            mlm_probability=args.mlm_probability,
+            max_predictions=args.max_predictions_per_seq,
+            whole_word=args.whole_word_masking,
+        )
         self._documents = None  # (train docs, held-out docs, summary), read once
 
     # --- model -------------------------------------------------------------------------------
@@ -49,83 +86,84 @@ class PretrainingTask(Task):
 
     # --- data --------------------------------------------------------------------------------
     def train_features(self):
-        run = self.run
-        if run.streaming and run.dataset:
-            stream = load_hub_documents(run.dataset, run.dataset_config, run.text_field, streaming=True)
-            if not run.eval_files:
+        args, data = self.args, self.data
+        if args.streaming and data.dataset:
+            stream = load_hub_documents(data.dataset, data.dataset_config, args.text_field, streaming=True)
+            if not args.eval_files:
                 stream = stream.skip(self._stream_eval_docs())
-            pairs = streamed_pairs(stream, run.text_field, self.tokenizer, self.max_seq_length,
-                                   run.short_seq_prob, run.seed)
-            return pairs.take(run.max_train_samples) if run.max_train_samples else pairs
+            pairs = streamed_pairs(
+                stream, args.text_field, self.tokenizer, self.max_seq_length, args.short_seq_prob, self.seed
+            )
+            return pairs.take(data.max_train_samples) if data.max_train_samples else pairs
         from datasets import Dataset
 
-        train_docs, held_docs, summary = self._split()
-        features = Dataset.from_dict(build_pairs(train_docs, self.tokenizer, self.max_seq_length,
-                                                 run.short_seq_prob, run.seed))
-        if run.max_train_samples:
-            features = features.select(range(min(run.max_train_samples, len(features))))
-        world_size = self.world_size or _world_size()
-        needed = run.micro_batch_size * world_size
-        if len(features) < needed:
-            held = f" ({len(held_docs)} held out for evaluation)" if held_docs else ""
-            fewer = ", or hold out fewer (--validation-split-percentage, --eval-files)" if held_docs else ""
-            raise UserError(f"{summary}{held}: {len(features)} training pairs of up to {self.max_seq_length} "
-                            f"tokens, fewer than one batch (--micro-batch-size {run.micro_batch_size} x "
-                            f"{world_size} processes = {needed}). Add documents, lower --micro-batch-size{fewer}.")
-        return features
+        train_docs, _, _ = self._split()
+        features = Dataset.from_dict(
+            build_pairs(train_docs, self.tokenizer, self.max_seq_length, args.short_seq_prob, self.seed)
+        )
+        return first_rows(features, data.max_train_samples)
 
-    def eval_set(self) -> Optional[EvalSet]:
+    def describe_train_data(self, rows: int) -> str:
+        _, held_docs, summary = self._split()
+        held = ""
+        if held_docs:
+            held = (
+                f" ({len(held_docs)} held out for evaluation; hold out fewer with --validation-split-percentage "
+                "or --eval-files)"
+            )
+        return f"{summary}{held}: {rows} training pairs of up to {self.max_seq_length} tokens"
+
+    def eval_set(self) -> EvalSet | None:
         from datasets import Dataset
 
         _, held_docs, _ = self._split()
         if not held_docs:
             return None
-        run = self.run
-        pairs = build_pairs(held_docs, self.tokenizer, self.max_seq_length, run.short_seq_prob, run.seed + 1)
-        if run.max_eval_samples:
-            pairs = {k: v[: run.max_eval_samples] for k, v in pairs.items()}
+        pairs = build_pairs(held_docs, self.tokenizer, self.max_seq_length, self.args.short_seq_prob, self.seed + 1)
+        if self.data.max_eval_samples is not None:
+            pairs = {k: v[: self.data.max_eval_samples] for k, v in pairs.items()}
         if not pairs["input_ids"]:
             return None
         word_start = pairs.pop("word_start")
-        pairs["input_ids"], pairs["labels"] = self.collator.fixed_masks(pairs["input_ids"], word_start, run.seed)
+        pairs["input_ids"], pairs["labels"] = self.collator.fixed_masks(pairs["input_ids"], word_start, self.seed)
         return EvalSet(features=Dataset.from_dict(pairs))
 
     def _split(self):
         """(train documents, held-out documents, summary for messages), read once. When streaming,
         only the held-out head of the stream is read here; training pairs are built on the fly."""
         if self._documents is None:
-            run = self.run
-            streamed = bool(run.dataset and run.streaming)
+            args, data = self.args, self.data
+            streamed = bool(data.dataset and args.streaming)
             docs, summary = self._read_documents(head_only=streamed)
-            if run.eval_files:
-                held, _ = read_documents(run.eval_files, run.document_separator, run.text_field, "--eval-files")
+            if args.eval_files:
+                held, _ = read_documents(args.eval_files, args.document_separator, args.text_field, "--eval-files")
             elif streamed:
                 docs, held = [], docs
             else:
-                docs, held = hold_out(docs, run.validation_split_percentage, run.seed)
+                docs, held = hold_out(docs, args.validation_split_percentage, self.seed)
             self._documents = (docs, held, summary)
         return self._documents
 
     def _read_documents(self, head_only: bool):
-        run = self.run
-        if run.dataset and head_only:
-            n = 0 if run.eval_files else self._stream_eval_docs()
-            stream = load_hub_documents(run.dataset, run.dataset_config, run.text_field, streaming=True)
-            docs = [d for d in (clean_document(r[run.text_field] or "") for r in stream.take(n)) if d]
-            return docs, f"--dataset {run.dataset} (streamed): first {n} documents held out"
-        if run.dataset:
-            docs = load_hub_documents(run.dataset, run.dataset_config, run.text_field)
-            return docs, f"--dataset {run.dataset}: {len(docs)} documents with text"
-        if run.train_files:
-            return read_documents(run.train_files, run.document_separator, run.text_field)
+        args, data = self.args, self.data
+        if data.dataset and head_only:
+            n = 0 if args.eval_files else self._stream_eval_docs()
+            stream = load_hub_documents(data.dataset, data.dataset_config, args.text_field, streaming=True)
+            docs = [d for d in (clean_document(r[args.text_field] or "") for r in stream.take(n)) if d]
+            return docs, f"--dataset {data.dataset} (streamed): first {n} documents held out"
+        if data.dataset:
+            docs = load_hub_documents(data.dataset, data.dataset_config, args.text_field)
+            return docs, f"--dataset {data.dataset}: {len(docs)} documents with text"
+        if args.train_files:
+            return read_documents(args.train_files, args.document_separator, args.text_field)
         raise UserError("pretrain needs text: pass --train-files 'corpus/*.txt' or --dataset NAME.")
 
     def _stream_eval_docs(self) -> int:
-        if self.run.validation_split_percentage <= 0:
+        if self.args.validation_split_percentage <= 0:
             return 0
-        return max(1, round(self.run.validation_split_percentage * STREAM_EVAL_PER_MILLE))
+        return max(1, round(self.args.validation_split_percentage * STREAM_EVAL_PER_MILLE))
 
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> dict:
         """Pad and mask afresh (torch's global RNG); evaluation rows come masked already."""
         return self.collator(rows)
 
@@ -139,6 +177,9 @@ class PretrainingTask(Task):
         return {"mlm_loss": output.mlm_loss.detach(), "nsp_loss": output.nsp_loss.detach()}
 
     def eval_outputs(self, output, batch) -> dict[str, list]:
+        import torch
+        import torch.nn.functional as F
+
         device = output.prediction_logits.device
         labels = batch["labels"].to(device)
         masked = labels != IGNORE_INDEX
@@ -152,11 +193,16 @@ class PretrainingTask(Task):
         nsp_logits = output.seq_relationship_logits.float()
         nsp_labels = batch["next_sentence_label"].to(device)
         nsp_loss = F.cross_entropy(nsp_logits, nsp_labels, reduction="none")
-        columns = {"mlm_loss_sum": loss_sum, "mlm_count": masked.sum(1), "mlm_correct": correct,
-                   "nsp_correct": (nsp_logits.argmax(-1) == nsp_labels).long(), "nsp_loss": nsp_loss}
+        columns = {
+            "mlm_loss_sum": loss_sum,
+            "mlm_count": masked.sum(1),
+            "mlm_correct": correct,
+            "nsp_correct": (nsp_logits.argmax(-1) == nsp_labels).long(),
+            "nsp_loss": nsp_loss,
+        }
         return {k: list(v.detach().cpu().numpy()) for k, v in columns.items()}
 
-    def compute_metrics(self, eval_set: EvalSet, outputs: dict[str, list], output_dir: Optional[Path]) -> dict:
+    def compute_metrics(self, eval_set: EvalSet, outputs: dict[str, list], output_dir: Path | None) -> dict:
         count = float(np.sum(outputs["mlm_count"]))
         mlm_loss = float(np.sum(outputs["mlm_loss_sum"])) / max(count, 1.0)
         return {
@@ -174,12 +220,3 @@ def majority_baseline(label_rows) -> float:
     counts = Counter(t for row in label_rows for t in row if t != IGNORE_INDEX)
     total = sum(counts.values())
     return counts.most_common(1)[0][1] / total if total else 0.0
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-TASKS = {"pretrain": PretrainingTask}

@@ -5,6 +5,7 @@ run of consecutive sentences; half the time B is the true continuation (next_sen
 as transformers' BertForPreTraining expects), otherwise a random stretch of another document
 (label 1). Masking is not done here: it happens per batch in masking.py.
 """
+
 from __future__ import annotations
 
 import glob
@@ -13,9 +14,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
+from .. import hub
 from ..errors import UserError
 
 SEPARATORS = ("blank-line", "file", "heading")
@@ -29,8 +31,34 @@ _ANY_HEADING = re.compile(r"^ ?=( =)* .* =( =)* ?$")
 # A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and a capital, digit or
 # opening quote. Abbreviations and initials ("Mr. Darcy", "J. Smith") are checked separately.
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9])")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "no", "mt", "rev", "gen", "col",
-                  "capt", "lt", "sgt", "fig", "vol", "ch", "etc", "inc", "co", "ltd", "e.g", "i.e"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "st",
+    "jr",
+    "sr",
+    "prof",
+    "vs",
+    "no",
+    "mt",
+    "rev",
+    "gen",
+    "col",
+    "capt",
+    "lt",
+    "sgt",
+    "fig",
+    "vol",
+    "ch",
+    "etc",
+    "inc",
+    "co",
+    "ltd",
+    "e.g",
+    "i.e",
+}
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -83,8 +111,9 @@ def expand_globs(patterns: Iterable[str], flag: str) -> list[Path]:
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not matched:
-            raise UserError(f"{flag} {pattern!r}: matches no file. Check the path (quote globs so the "
-                            f"shell does not expand them).")
+            raise UserError(
+                f"{flag} {pattern!r}: matches no file. Check the path (quote globs so the shell does not expand them)."
+            )
         files.extend(Path(p) for p in matched)
     if not files:
         raise UserError(f"{flag}: no files given. Pass one or more text globs (.txt, .txt.gz, .jsonl).")
@@ -123,33 +152,33 @@ def _jsonl_documents(lines, path: Path, text_field: str) -> list[str]:
     return docs
 
 
-def read_documents(patterns: Iterable[str], separator: str, text_field: str,
-                   flag: str = "--train-files") -> tuple[list[str], str]:
+def read_documents(
+    patterns: Iterable[str], separator: str, text_field: str, flag: str = "--train-files"
+) -> tuple[list[str], str]:
     """All documents of the files the globs match, and a summary line for error messages."""
     files = expand_globs(patterns, flag)
     docs = [doc for path in files for doc in read_file_documents(path, separator, text_field)]
     shown = " ".join(repr(p) for p in patterns)
-    summary = (f"{flag} {shown}: {len(files)} file{'s' * (len(files) != 1)}, "
-               f"{len(docs)} document{'s' * (len(docs) != 1)} with text")
+    summary = (
+        f"{flag} {shown}: {len(files)} file{'s' * (len(files) != 1)}, "
+        f"{len(docs)} document{'s' * (len(docs) != 1)} with text"
+    )
     if not docs:
-        raise UserError(f"{summary}. Give files with text (documents are split by "
-                        f"--document-separator {separator}).")
+        raise UserError(f"{summary}. Give files with text (documents are split by --document-separator {separator}).")
     return docs, summary
 
 
-def load_hub_documents(name: str, config: Optional[str], text_field: str, streaming: bool = False):
+def load_hub_documents(name: str, config: str | None, text_field: str, streaming: bool = False):
     """The train split of a hub dataset (or a local dataset directory): a list of documents, or
     with `streaming` an IterableDataset of raw records, read lazily."""
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(name, config, split="train", streaming=streaming)
-    except Exception as e:  # datasets raises many types (network, missing config, bad files)
-        raise UserError(f"--dataset {name}: cannot load its train split ({str(e).splitlines()[0]}). "
-                        f"Check the name and --dataset-config, or use --train-files.") from None
+    ds = hub.load_split(
+        name, config, "train", streaming=streaming, hint="Check the name and --dataset-config, or use --train-files."
+    )
     if text_field not in (ds.column_names or ()):
-        raise UserError(f"--dataset {name}: no {text_field!r} column (columns: {ds.column_names}). "
-                        f"Name the text column with --text-field.")
+        raise UserError(
+            f"--dataset {name}: no {text_field!r} column (columns: {ds.column_names}). "
+            f"Name the text column with --text-field."
+        )
     if streaming:
         return ds
     docs = [d for d in (clean_document(t or "") for t in ds[text_field]) if d]
@@ -172,11 +201,11 @@ def hold_out(documents: list, percentage: float, seed: int) -> tuple[list, list]
 def split_sentences(text: str) -> list[str]:
     sentences, begin = [], 0
     for m in _SENTENCE_END.finditer(text):
-        words = text[begin:m.start()].rsplit(None, 1)
+        words = text[begin : m.start()].rsplit(None, 1)
         last = words[-1].lower() if words else ""
         if m.group() == "." and (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())):
             continue
-        sentences.append(text[begin:m.end()].strip())
+        sentences.append(text[begin : m.end()].strip())
         begin = m.end()
     sentences.append(text[begin:].strip())
     return [s for s in sentences if s]
@@ -192,32 +221,43 @@ def tokenize_documents(documents: list[str], tokenizer, max_piece: int) -> list[
     flat = [s for sentences in sentence_lists for s in sentences]
     encoded = []
     for lo in range(0, len(flat), TOKENIZE_BATCH):
-        enc = tokenizer(flat[lo:lo + TOKENIZE_BATCH], add_special_tokens=False,
-                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        enc = tokenizer(
+            flat[lo : lo + TOKENIZE_BATCH],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
         for i, ids in enumerate(enc["input_ids"]):
             encoded.append((ids, _word_starts(enc.word_ids(i))))
     out, k = [], 0
     for sentences in sentence_lists:
         doc = []
-        for ids, starts in encoded[k:k + len(sentences)]:
+        for ids, starts in encoded[k : k + len(sentences)]:
             for lo in range(0, len(ids), max_piece):
-                piece_starts = starts[lo:lo + max_piece]
+                piece_starts = starts[lo : lo + max_piece]
                 piece_starts[0] = 1
-                doc.append((ids[lo:lo + max_piece], piece_starts))
+                doc.append((ids[lo : lo + max_piece], piece_starts))
         k += len(sentences)
         if doc:
             out.append(doc)
     return out
 
 
-def _word_starts(word_ids: list[Optional[int]]) -> list[int]:
+def _word_starts(word_ids: list[int | None]) -> list[int]:
     """1 where a new word begins (WordPiece '##' pieces continue the previous word), else 0."""
     return [int(i == 0 or w != word_ids[i - 1]) for i, w in enumerate(word_ids)]
 
 
 # --- sentence pairs --------------------------------------------------------------------------
-def create_pairs(documents: list[list[tuple[list, list]]], max_seq_length: int, short_seq_prob: float,
-                 rng: random.Random, cls_id: int, sep_id: int) -> dict[str, list]:
+def create_pairs(
+    documents: list[list[tuple[list, list]]],
+    max_seq_length: int,
+    short_seq_prob: float,
+    rng: random.Random,
+    cls_id: int,
+    sep_id: int,
+) -> dict[str, list]:
     """NSP pairs from tokenised documents, as columns (input_ids, token_type_ids, word_start,
     next_sentence_label), shuffled."""
     rows = []
@@ -267,7 +307,7 @@ def _random_segment(documents, index, target, rng):
             break
     document = documents[other]
     ids, starts = [], []
-    for sentence_ids, sentence_starts in document[rng.randint(0, len(document) - 1):]:
+    for sentence_ids, sentence_starts in document[rng.randint(0, len(document) - 1) :]:
         ids.extend(sentence_ids)
         starts.extend(sentence_starts)
         if len(ids) >= target:
@@ -300,20 +340,24 @@ def _row(a, b, label, cls_id, sep_id):
     return ids, types, starts, label
 
 
-def build_pairs(documents: list[str], tokenizer, max_seq_length: int, short_seq_prob: float,
-                seed: int) -> dict[str, list]:
+def build_pairs(
+    documents: list[str], tokenizer, max_seq_length: int, short_seq_prob: float, seed: int
+) -> dict[str, list]:
     """Text documents -> NSP pair columns, deterministic given `seed`."""
     tokenized = tokenize_documents(documents, tokenizer, max_piece=max(1, (max_seq_length - 3) // 2))
-    return create_pairs(tokenized, max_seq_length, short_seq_prob, random.Random(seed),
-                        tokenizer.cls_token_id, tokenizer.sep_token_id)
+    return create_pairs(
+        tokenized, max_seq_length, short_seq_prob, random.Random(seed), tokenizer.cls_token_id, tokenizer.sep_token_id
+    )
 
 
 def streamed_pairs(stream, text_field: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int):
     """An IterableDataset of NSP pairs built on the fly, shard by shard of documents, for corpora
     larger than memory. Random B segments come from the same shard."""
+
     def pairs_of_shard(batch, indices):
         docs = [d for d in (clean_document(t or "") for t in batch[text_field]) if d]
         return build_pairs(docs, tokenizer, max_seq_length, short_seq_prob, seed + indices[0])
 
-    return stream.map(pairs_of_shard, batched=True, batch_size=DOCS_PER_SHARD, with_indices=True,
-                      remove_columns=stream.column_names)
+    return stream.map(
+        pairs_of_shard, batched=True, batch_size=DOCS_PER_SHARD, with_indices=True, remove_columns=stream.column_names
+    )

@@ -6,6 +6,7 @@ names the file and the record; the validated rows are then written, as one Arrow
 datasets cache under a digest of the file, so the tokenisation map that follows is cached by
 datasets too.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,8 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
+from .. import hub
 from ..errors import UserError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "squad_demo"
@@ -26,24 +27,28 @@ _ROWS_VERSION = "1"
 def example_features():
     from datasets import Features, List, Value
 
-    return Features({
-        "id": Value("string"), "title": Value("string"), "context": Value("string"),
-        "question": Value("string"),
-        "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
-    })
+    return Features(
+        {
+            "id": Value("string"),
+            "title": Value("string"),
+            "context": Value("string"),
+            "question": Value("string"),
+            "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
+        }
+    )
 
 
-def load_examples(run, split: str, version_2: bool):
-    """Examples of one split ('train' or 'validation'): the split's file if given, else the hub
-    dataset (run.dataset, default squad / squad_v2). None for 'validation' when only a train file
-    was given (a local run without an eval file skips evaluation)."""
-    path = run.train_file if split == "train" else run.eval_file
+def load_examples(data, split: str, version_2: bool):
+    """Examples of one split ('train' or 'validation') by the data flags: the split's file if given,
+    else the hub dataset (--dataset, default squad / squad_v2). None for 'validation' when only a
+    train file was given (a local run without an eval file skips evaluation)."""
+    path = data.train_file if split == "train" else data.eval_file
     flag = "--train-file" if split == "train" else "--eval-file"
     if path:
         return load_squad_file(path, version_2=version_2, training=split == "train", flag=flag)
-    if split == "validation" and run.train_file and not run.dataset:
+    if split == "validation" and data.train_file and not data.dataset:
         return None
-    return load_hub_split(run.dataset or ("squad_v2" if version_2 else "squad"), run.dataset_config, split)
+    return load_hub_split(data.dataset or ("squad_v2" if version_2 else "squad"), data.dataset_config, split)
 
 
 def load_squad_file(path, *, version_2: bool, training: bool, flag: str = ""):
@@ -99,8 +104,10 @@ def parse_squad(raw: bytes, *, source: str, version_2: bool, training: bool) -> 
     except json.JSONDecodeError as e:
         raise UserError(f"{source}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise UserError(f"{source}: not SQuAD format; expected an object "
-                        '{"data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [...]}]}]}.')
+        raise UserError(
+            f"{source}: not SQuAD format; expected an object "
+            '{"data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [...]}]}]}.'
+        )
 
     columns = {"id": [], "title": [], "context": [], "question": [], "answers": []}
     seen, bad_answers, skipped = set(), 0, 0
@@ -124,7 +131,7 @@ def parse_squad(raw: bytes, *, source: str, version_2: bool, training: bool) -> 
                 seen.add(qid)
                 texts, starts = _answers(qa, answers, context, version_2, source, qa_where)
                 if training and texts:
-                    good = [i for i, (t, s) in enumerate(zip(texts, starts)) if context[s:s + len(t)] == t]
+                    good = [i for i, (t, s) in enumerate(zip(texts, starts)) if context[s : s + len(t)] == t]
                     bad_answers += len(texts) - len(good)
                     if not good:
                         skipped += 1
@@ -137,9 +144,11 @@ def parse_squad(raw: bytes, *, source: str, version_2: bool, training: bool) -> 
                 columns["answers"].append({"text": texts, "answer_start": starts})
 
     if bad_answers:
-        warnings.warn(f"{source}: {bad_answers} answers have an answer_start that does not point at their "
-                      f"text and were ignored; {skipped} questions were skipped for lack of a usable answer.",
-                      stacklevel=2)
+        warnings.warn(
+            f"{source}: {bad_answers} answers have an answer_start that does not point at their "
+            f"text and were ignored; {skipped} questions were skipped for lack of a usable answer.",
+            stacklevel=2,
+        )
     if not columns["id"]:
         what = "usable training question" if training else "question"
         reason = f" ({skipped} skipped: no answer_start matches its answer text)" if skipped else ""
@@ -152,8 +161,7 @@ def _field(record, key, kind, source, where):
         raise UserError(f"{source}: {where} has no '{key}'.")
     value = record[key]
     if not isinstance(value, kind):
-        raise UserError(f"{source}: {where}: '{key}' should be {_kind_name(kind)}, "
-                        f"not {type(value).__name__}.")
+        raise UserError(f"{source}: {where}: '{key}' should be {_kind_name(kind)}, not {type(value).__name__}.")
     return value
 
 
@@ -174,25 +182,21 @@ def _answers(qa, answers, context, version_2, source, where) -> tuple[list[str],
         text = _field(ans, "text", str, source, f"{where}.answers[{k}]")
         start = _field(ans, "answer_start", int, source, f"{where}.answers[{k}]")
         if not 0 <= start <= len(context):
-            raise UserError(f"{source}: {where}.answers[{k}]: answer_start {start} is outside the context "
-                            f"(length {len(context)}).")
+            raise UserError(
+                f"{source}: {where}.answers[{k}]: answer_start {start} is outside the context (length {len(context)})."
+            )
         texts.append(text)
         starts.append(start)
     return texts, starts
 
 
-def load_hub_split(name: str, config: Optional[str], split: str):
-    import datasets
-
-    try:
-        examples = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, missing split: all end the same way for the user
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"--dataset {name}: cannot load split '{split}' ({first_line}). Without network, pass local "
-            f"SQuAD JSON with --train-file/--eval-file (a small demo: {DEMO_DIR}/train.json, dev.json).") from None
-    missing = {"id", "context", "question", "answers"} - set(examples.column_names)
-    if missing:
-        raise UserError(f"--dataset {name}: split '{split}' lacks the SQuAD columns {sorted(missing)} "
-                        f"(it has {examples.column_names}).")
+def load_hub_split(name: str, config: str | None, split: str):
+    examples = hub.load_split(
+        name,
+        config,
+        split,
+        hint="Without network, pass local SQuAD JSON with "
+        f"--train-file/--eval-file (a small demo: {DEMO_DIR}/train.json, dev.json).",
+    )
+    hub.require_columns(examples, ("id", "context", "question", "answers"), name, split, "SQuAD")
     return examples

@@ -5,6 +5,7 @@ Train rows carry start/end token labels (the [CLS] index when the answer is not 
 window); eval rows carry example_id and the character offsets of context tokens ([-1, -1] for
 question and special tokens) for post-processing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,37 +25,49 @@ NOT_CONTEXT = -1  # offset_mapping value of tokens that are not part of the cont
 MIN_EXAMPLES_FOR_WORKERS = 1000
 
 
-def window_settings(run, tokenizer, default_max_seq_length: int) -> dict:
-    """max_seq_length / doc_stride / max_query_length from the run, checked so that every window
-    has room for context tokens beyond the overlap (the tokenizer's own error is obscure)."""
-    max_seq_length = run.max_seq_length or default_max_seq_length
+def window_settings(max_seq_length: int, args, tokenizer) -> dict:
+    """max_seq_length / doc_stride / max_query_length (`args`: the squad flags), checked so that every
+    window has room for context tokens beyond the overlap (the tokenizer's own error is obscure)."""
     limit = getattr(tokenizer, "model_max_length", max_seq_length)
     if max_seq_length > limit:
-        warnings.warn(f"--max-seq-length {max_seq_length} is longer than the model allows ({limit}); using {limit}.",
-                      stacklevel=2)
+        warnings.warn(
+            f"--max-seq-length {max_seq_length} is longer than the model allows ({limit}); using {limit}.", stacklevel=2
+        )
         max_seq_length = limit
     specials = tokenizer.num_special_tokens_to_add(pair=True)
-    room = max_seq_length - run.max_query_length - specials
-    if run.max_query_length < 1 or run.doc_stride < 0 or run.doc_stride >= room:
+    room = max_seq_length - args.max_query_length - specials
+    if args.max_query_length < 1 or args.doc_stride < 0 or args.doc_stride >= room:
         raise UserError(
-            f"--doc-stride {run.doc_stride} must be below the context room of a window: --max-seq-length "
-            f"{max_seq_length} - --max-query-length {run.max_query_length} - {specials} special tokens = {room}. "
-            f"Lower --doc-stride or --max-query-length, or raise --max-seq-length.")
-    return {"max_seq_length": max_seq_length, "doc_stride": run.doc_stride, "max_query_length": run.max_query_length}
+            f"--doc-stride {args.doc_stride} must be below the context room of a window: --max-seq-length "
+            f"{max_seq_length} - --max-query-length {args.max_query_length} - {specials} special tokens = {room}. "
+            f"Lower --doc-stride or --max-query-length, or raise --max-seq-length."
+        )
+    return {"max_seq_length": max_seq_length, "doc_stride": args.doc_stride, "max_query_length": args.max_query_length}
 
 
-def build_features(examples, tokenizer, *, training: bool, max_seq_length: int, doc_stride: int,
-                   max_query_length: int, workers: int = 1):
+def build_features(
+    examples,
+    tokenizer,
+    *,
+    training: bool,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
+    workers: int = 1,
+):
     """A datasets.Dataset of windows, tokenised in batches by the fast tokenizer (cached by datasets
     when the examples come from files or the hub)."""
     num_proc = workers if workers > 1 and len(examples) > MIN_EXAMPLES_FOR_WORKERS else None
     window = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
     return examples.map(
         prepare_train_features if training else prepare_eval_features,
-        batched=True, remove_columns=examples.column_names, num_proc=num_proc,
+        batched=True,
+        remove_columns=examples.column_names,
+        num_proc=num_proc,
         fn_kwargs=dict(tokenizer=tokenizer, **window),
         new_fingerprint=windows_fingerprint(examples, tokenizer, training, window),
-        desc="Tokenising SQuAD " + ("train" if training else "eval") + " windows")
+        desc="Tokenising SQuAD " + ("train" if training else "eval") + " windows",
+    )
 
 
 def windows_fingerprint(examples, tokenizer, training: bool, window: dict):
@@ -68,9 +81,15 @@ def windows_fingerprint(examples, tokenizer, training: bool, window: dict):
     # Calling the tokenizer leaves its last truncation/padding call in the backend: not part of its identity.
     definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     h = hashlib.sha256()
-    for part in (examples._fingerprint, type(tokenizer).__name__, tokenizer.padding_side,
-                 json.dumps(definition, sort_keys=True),
-                 json.dumps(window, sort_keys=True), str(training), Path(__file__).read_text()):
+    for part in (
+        examples._fingerprint,
+        type(tokenizer).__name__,
+        tokenizer.padding_side,
+        json.dumps(definition, sort_keys=True),
+        json.dumps(window, sort_keys=True),
+        str(training),
+        Path(__file__).read_text(),
+    ):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
@@ -85,8 +104,9 @@ def prepare_train_features(examples: dict, tokenizer, **window) -> dict:
         span = None
         if answers["answer_start"]:
             start_char = answers["answer_start"][0]
-            span = answer_tokens(offsets, enc.sequence_ids(i), context_id,
-                                 start_char, start_char + len(answers["text"][0]))
+            span = answer_tokens(
+                offsets, enc.sequence_ids(i), context_id, start_char, start_char + len(answers["text"][0])
+            )
         if span is None:
             cls = cls_index(enc["input_ids"][i], tokenizer)
             span = (cls, cls)
@@ -105,7 +125,7 @@ def prepare_eval_features(examples: dict, tokenizer, **window) -> dict:
         first, last = context_range(enc.sequence_ids(i), context_id)
         row = np.fromiter(chain.from_iterable(offsets), dtype=np.int32, count=2 * len(offsets)).reshape(-1, 2)
         row[:first] = NOT_CONTEXT
-        row[last + 1:] = NOT_CONTEXT
+        row[last + 1 :] = NOT_CONTEXT
         offset_rows.append(row)
     enc["example_id"] = [examples["id"][s] for s in sample_of]
     enc["offset_mapping"] = offset_rows
@@ -120,9 +140,16 @@ def tokenize_windows(examples: dict, tokenizer, *, max_seq_length: int, doc_stri
 
     def encode(questions):
         first, second = (questions, examples["context"]) if pad_on_right else (examples["context"], questions)
-        return tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
-                         max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
-                         return_offsets_mapping=True, padding=False)
+        return tokenizer(
+            first,
+            second,
+            truncation="only_second" if pad_on_right else "only_first",
+            max_length=max_seq_length,
+            stride=doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding=False,
+        )
 
     # Questions longer than max_query_length tokens are rare: find them in the windows and only
     # then tokenise the questions alone to cut them, rather than paying for it on every batch.
@@ -133,8 +160,9 @@ def tokenize_windows(examples: dict, tokenizer, *, max_seq_length: int, doc_stri
         if "Truncation error" not in str(e):
             raise
         enc = None
-    if enc is None or any(enc.sequence_ids(i).count(question_id) > max_query_length
-                          for i in range(len(enc["input_ids"]))):
+    if enc is None or any(
+        enc.sequence_ids(i).count(question_id) > max_query_length for i in range(len(enc["input_ids"]))
+    ):
         enc = encode(truncate_questions(questions, tokenizer, max_query_length))
     return enc, context_id
 

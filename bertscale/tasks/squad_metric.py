@@ -2,12 +2,12 @@
 evaluate-v2.0.py (same normalisation, same max over references, same no-answer threshold search),
 taking dicts instead of the dataset JSON: predictions {id: text}, references {id: [answer texts]}.
 """
+
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from typing import Optional
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -21,6 +21,7 @@ def normalize_answer(s: str) -> str:
 
 
 # --- v1.1 ------------------------------------------------------------------------------------------
+
 
 def f1_score_v1(prediction: str, ground_truth: str) -> float:
     prediction_tokens = normalize_answer(prediction).split()
@@ -51,6 +52,7 @@ def squad_v1(predictions: dict[str, str], references: dict[str, list[str]]) -> d
 
 
 # --- v2.0 ------------------------------------------------------------------------------------------
+
 
 def get_tokens(s: str) -> list[str]:
     return normalize_answer(s).split() if s else []
@@ -85,16 +87,17 @@ def get_raw_scores(predictions, references):
 
 
 def apply_no_ans_threshold(scores, na_probs, qid_to_has_ans, na_prob_thresh):
-    return {qid: float(not qid_to_has_ans[qid]) if na_probs[qid] > na_prob_thresh else s
-            for qid, s in scores.items()}
+    return {qid: float(not qid_to_has_ans[qid]) if na_probs[qid] > na_prob_thresh else s for qid, s in scores.items()}
 
 
 def make_eval_dict(exact_scores, f1_scores, qid_list=None) -> dict:
     qids = qid_list if qid_list else list(exact_scores)
     total = len(qids)
-    return {"exact": 100.0 * sum(exact_scores[k] for k in qids) / total,
-            "f1": 100.0 * sum(f1_scores[k] for k in qids) / total,
-            "total": total}
+    return {
+        "exact": 100.0 * sum(exact_scores[k] for k in qids) / total,
+        "f1": 100.0 * sum(f1_scores[k] for k in qids) / total,
+        "total": total,
+    }
 
 
 def find_best_thresh(predictions, scores, na_probs, qid_to_has_ans):
@@ -117,8 +120,12 @@ def find_best_thresh(predictions, scores, na_probs, qid_to_has_ans):
     return 100.0 * best_score / len(scores), best_thresh
 
 
-def squad_v2(predictions: dict[str, str], references: dict[str, list[str]],
-             na_probs: Optional[dict[str, float]] = None, na_prob_thresh: float = 1.0) -> dict:
+def squad_v2(
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    na_probs: dict[str, float] | None = None,
+    na_prob_thresh: float = 1.0,
+) -> dict:
     """evaluate-v2.0.py's output: exact, f1, total, HasAns_*, NoAns_* and, when na_probs are given
     (its --na-prob-file), best_exact, best_exact_thresh, best_f1, best_f1_thresh.
     References with no answer text mark unanswerable questions."""

@@ -2,23 +2,26 @@
 run_qa.py's utils_qa does it, but with numpy: the top-k starts and top-k ends of a window are
 scored as a k x k grid at once, and impossible pairs are masked out).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 
 class Answer(NamedTuple):
     text: str
-    score: float               # start + end logit of the chosen span (the null score when text is '')
-    probability: float         # softmax over the n-best spans (plus the null answer for v2)
-    null_odds: Optional[float]  # v2: null score - best span score (the official script's na_prob); v1: None
+    score: float  # start + end logit of the chosen span (the null score when text is '')
+    probability: float  # softmax over the n-best spans (plus the null answer for v2)
+    null_odds: float | None  # v2: null score - best span score (the official script's na_prob); v1: None
 
 
-def window_candidates(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray,
-                      n_best_size: int, max_answer_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_candidates(
+    start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray, n_best_size: int, max_answer_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Valid spans among the top-n_best starts x top-n_best ends of one window.
 
     offsets: (tokens, 2) character offsets, negative for tokens outside the context. Returns
@@ -28,8 +31,13 @@ def window_candidates(start_logits: np.ndarray, end_logits: np.ndarray, offsets:
     starts = _top(start_logits, k)[:, None]
     ends = _top(end_logits, k)[None, :]
     in_context = offsets[:, 0] >= 0
-    valid = (in_context[starts] & in_context[ends] & (ends >= starts) & (ends - starts < max_answer_length)
-             & (offsets[ends, 1] > offsets[starts, 0]))
+    valid = (
+        in_context[starts]
+        & in_context[ends]
+        & (ends >= starts)
+        & (ends - starts < max_answer_length)
+        & (offsets[ends, 1] > offsets[starts, 0])
+    )
     rows, cols = np.nonzero(valid)
     s, e = starts[rows, 0], ends[0, cols]
     return start_logits[s] + end_logits[e], offsets[s, 0], offsets[e, 1]
@@ -39,10 +47,19 @@ def _top(x: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-x, k - 1)[:k] if k < len(x) else np.arange(len(x))
 
 
-def postprocess(example_ids: Sequence[str], contexts: Sequence[str], feature_example_ids: Sequence[str],
-                offsets: Sequence[np.ndarray], start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],
-                *, n_best_size: int = 20, max_answer_length: int = 30, version_2: bool = False,
-                null_score_diff_threshold: float = 0.0) -> dict[str, Answer]:
+def postprocess(
+    example_ids: Sequence[str],
+    contexts: Sequence[str],
+    feature_example_ids: Sequence[str],
+    offsets: Sequence[np.ndarray],
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    *,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    version_2: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, Answer]:
     """One Answer per example id. Features (windows) are matched to examples by example id; each
     feature's offsets and logits have the same length (its real, unpadded tokens)."""
     windows = defaultdict(list)
@@ -51,13 +68,15 @@ def postprocess(example_ids: Sequence[str], contexts: Sequence[str], feature_exa
 
     answers = {}
     for qid, context in zip(example_ids, contexts):
-        found = [window_candidates(start_logits[f], end_logits[f], offsets[f], n_best_size, max_answer_length)
-                 for f in windows.get(qid, ())]
+        found = [
+            window_candidates(start_logits[f], end_logits[f], offsets[f], n_best_size, max_answer_length)
+            for f in windows.get(qid, ())
+        ]
         scores, start_chars, end_chars = (np.concatenate(column) for column in zip(*found)) if found else ([],) * 3
         n_best = np.sort(scores)[::-1][:n_best_size]  # the best span comes first
         if len(scores):
             b = int(np.argmax(scores))
-            text, score = context[int(start_chars[b]):int(end_chars[b])], float(scores[b])
+            text, score = context[int(start_chars[b]) : int(end_chars[b])], float(scores[b])
         else:
             text, score = "", 0.0  # no valid span in any window: like run_qa's fallback, it scores 0
         if not version_2:

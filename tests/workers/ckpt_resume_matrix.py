@@ -13,40 +13,45 @@ compares their metrics.jsonl losses step by step. Stopping and resuming in fresh
 --engine-logits then builds a fresh engine, loads CKPT into it (recording how torch.load was
 called) and saves the logits of a fixed batch, the batch and the record to FILE (export test).
 """
+
 import sys
 from pathlib import Path
 
 import torch
 
-from bertscale import checkpoint, distributed as dist, engine as engines, models, tasks
-from bertscale.cli import finetune, make_run
-from bertscale.trainer import rows_of, seed_everything, train
+from bertscale import checkpoint, data, ds_config, models, tasks
+from bertscale import distributed as dist
+from bertscale import engine as engines
+from bertscale.cli import finetune
+from bertscale.cli_options import make_run
+from bertscale.trainer import seed_everything, train
 
 SAVE_EVERY = 2  # resuming at step 2: DeepSpeed's CPU Adam needs its beta**3 replayed (checkpoint.py)
 
 
 def run_config(flags: list[str]):
-    """The RunConfig `bertscale finetune FLAGS` would train with (click parses the flags)."""
-    return make_run(**finetune.make_context("finetune", list(flags)).params)
+    """The Run `bertscale finetune FLAGS` would train with (click parses the flags)."""
+    return make_run(finetune.make_context("finetune", list(flags)))
 
 
 def straight_and_resumed(out: Path, combo: str, flags: list[str]) -> None:
     zero, precision = combo.split("-")
     flags = [*flags, "--ds-config", zero, f"--{precision}", "--save-every", str(SAVE_EVERY)]
     straight = out / combo / "straight"
-    train(run_config([*flags, "--output-dir", str(straight)]), "squad")
+    train(run_config([*flags, "--output-dir", str(straight)]))
     step = checkpoint.root(straight) / f"step-{SAVE_EVERY}"
-    train(run_config([*flags, "--output-dir", str(straight.with_name("resumed")), "--resume", str(step)]), "squad")
+    train(run_config([*flags, "--output-dir", str(straight.with_name("resumed")), "--resume", str(step)]))
 
 
 def engine_logits(ckpt: Path, dest: Path, flags: list[str]) -> None:
     """Fresh engine as configured by the checkpoint's run + CKPT -> logits of 8 training rows (eval mode)."""
     setup = checkpoint.read_state(ckpt)
     run = run_config([*flags, "--ds-config", f"zero{setup['zero_stage']}", f"--{setup['precision']}"])
-    seed_everything(run.seed)
-    task = tasks.get("squad")(run, models.load_tokenizer(run.model))
+    seed_everything(run.optim.seed)
+    task = tasks.build(run, models.load_tokenizer(run.model.model))
     feats = task.train_features()
-    engine, _ = engines.build(run, task, dist.world_size(), total_steps=run.max_steps)
+    cfg = ds_config.fill_schedule(engines.resolve_config(run.optim, dist.world_size()), run.optim, run.optim.max_steps)
+    engine = engines.build(run.model, run.optim.weight_decay, task, cfg)
     weights_only = []  # how every torch.load during the resume was called (a spy: it still loads)
     real_load = torch.load
 
@@ -59,23 +64,30 @@ def engine_logits(ckpt: Path, dest: Path, flags: list[str]) -> None:
         checkpoint.load(engine, ckpt)
     finally:
         torch.load = real_load
-    batch = task.collate(rows_of(feats, list(range(8))))
+    batch = task.collate(data.rows_of(feats, list(range(8))))
     inputs = {k: batch[k] for k in task.model_input_names}
     engine.eval()
     with torch.no_grad():
         out = engine(**inputs)
     if dist.is_main():
-        torch.save({"inputs": inputs, "start_logits": out.start_logits, "end_logits": out.end_logits,
-                    "load_weights_only": weights_only}, dest)
+        torch.save(
+            {
+                "inputs": inputs,
+                "start_logits": out.start_logits,
+                "end_logits": out.end_logits,
+                "load_weights_only": weights_only,
+            },
+            dest,
+        )
 
 
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]  # added by the launcher
-    ours, flags = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    ours, flags = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     logits = None
     if "--engine-logits" in ours:
         i = ours.index("--engine-logits")
-        logits, ours = (Path(ours[i + 1]), Path(ours[i + 2])), ours[:i] + ours[i + 3:]
+        logits, ours = (Path(ours[i + 1]), Path(ours[i + 2])), ours[:i] + ours[i + 3 :]
     out, combos = Path(ours[0]), ours[1:]
     dist.setup()
     for combo in combos:

@@ -6,30 +6,42 @@ Trains BertForQuestionAnswering (tiny preset) on one fixed random batch, so the 
 and prints one JSON line per step from rank 0: combo, loss, loss scale, skipped steps. Several
 combos share one launch because starting 2 ranks costs ~15 s on 2 cores.
 """
+
 import json
 import sys
 
 import torch
 from transformers import AutoModelForQuestionAnswering
 
-from bertscale import distributed as dist, engine as engines
-from bertscale.config import RunConfig
+from bertscale import distributed as dist
+from bertscale import ds_config
+from bertscale import engine as engines
+from bertscale.args import ModelArgs, OptimArgs
 from bertscale.tasks.base import Task
 
 
 class FixedBatchQA(Task):
+    names = ("fixed-batch-qa",)
+
     def model_class(self):
         return AutoModelForQuestionAnswering
 
 
-def train(ds_config: str, precision: str, steps: int):
+def train(config_name: str, precision: str, steps: int):
     torch.manual_seed(0)
-    run = RunConfig(model="tiny", ds_config=ds_config, precision=precision, learning_rate=2e-3,
-                    micro_batch_size=4, warmup_ratio=0.0, gradient_checkpointing=True)
-    engine, cfg = engines.build(run, FixedBatchQA(run, None), dist.world_size(), total_steps=steps)
+    optim = OptimArgs(
+        ds_config=config_name, precision=precision, learning_rate=2e-3, micro_batch_size=4, warmup_ratio=0.0
+    )
+    cfg = ds_config.fill_schedule(engines.resolve_config(optim, dist.world_size()), optim, steps)
+    engine = engines.build(
+        ModelArgs(model="tiny", gradient_checkpointing=True), optim.weight_decay, FixedBatchQA(None), cfg
+    )
     g = torch.Generator().manual_seed(dist.rank())
-    batch = {"input_ids": torch.randint(1000, 5000, (4, 32), generator=g),
-             "start_positions": torch.tensor([3, 5, 7, 9]), "end_positions": torch.tensor([4, 8, 7, 12])}
+    batch = {
+        "input_ids": torch.randint(1000, 5000, (4, 32), generator=g),
+        "start_positions": torch.tensor([3, 5, 7, 9]),
+        "end_positions": torch.tensor([4, 8, 7, 12]),
+    }
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     for _ in range(steps):
         out = engine(**batch)
@@ -37,16 +49,27 @@ def train(ds_config: str, precision: str, steps: int):
         engine.step()
         if dist.is_main():
             scale = engine.optimizer.loss_scale if precision == "fp16" else None
-            print("STEP " + json.dumps({"combo": f"{ds_config}:{precision}", "loss": out.loss.item(), "scale": scale, "skipped": engine.skipped_steps,
-                                        "zero": engines.zero_stage(cfg),
-                                        "dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
+            print(
+                "STEP "
+                + json.dumps(
+                    {
+                        "combo": f"{config_name}:{precision}",
+                        "loss": out.loss.item(),
+                        "scale": scale,
+                        "skipped": engine.skipped_steps,
+                        "zero": engines.zero_stage(cfg),
+                        "dtype": str(next(engine.module.parameters()).dtype),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def main(steps: int, combos: list[str]):
     dist.setup()
     for combo in combos:
-        ds_config, precision = combo.rsplit(":", 1)
-        train(ds_config, precision, steps)
+        config_name, precision = combo.rsplit(":", 1)
+        train(config_name, precision, steps)
     dist.teardown()
     dist.exit_process(0)  # see its docstring: finalization can abort a finished rank
 

@@ -1,13 +1,14 @@
-"""Worker for test_observability.py: one Tracker (rank 0, no launcher) logging a few rows to
+"""Worker for test_tracking.py: one Tracker (rank 0, no launcher) logging a few rows to
 OUTPUT_DIR with the W&B mode the environment and flags choose; prints the run id it used."""
+
 import sys
 
 from bertscale import tracking
-from bertscale.config import RunConfig
+from bertscale.args import LogArgs
 
 
 def main(output_dir: str):
-    tracker = tracking.Tracker(RunConfig(output_dir=output_dir, run_name="obs-worker"), {}, total_steps=4)
+    tracker = tracking.Tracker(LogArgs(run_name="obs-worker"), output_dir, {}, total_steps=4)
     for step in (2, 4):
         tracker.log(step, {"loss": 1.0 / step, "lr": 1e-4, "samples_per_s": 10.0})
     tracker.summary({"best_metric": None})

@@ -1,9 +1,10 @@
-"""Observability: W&B (read back with wandb's own .wandb reader), metrics.jsonl, progress output,
-FLOPs/MFU, the fp16 loss-scale watchdog and `bertscale report`.
+"""Tracking: W&B (read back with wandb's own .wandb reader), metrics.jsonl, progress output,
+FLOPs/MFU, the fp16 watchdog's stop in a real run, and `bertscale report` of real runs.
 
 Three real 2-rank runs are shared by the tests below (module fixtures): a fine-tune logged to W&B
 offline, its resumption, and an fp16 run that blows up, launched on a pseudo-terminal.
 """
+
 import fcntl
 import json
 import os
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAUNCHER, ROOT, SQUAD, bertscale, bertscale_single, cpu_env, free_port, read_metrics
 from bertscale import tracking
-from bertscale.config import RunConfig
+from bertscale.args import LogArgs
+from bertscale.tracking import throughput
+
+from conftest import LAUNCHER, ROOT, SQUAD, bertscale, bertscale_single, cpu_env, free_port, read_metrics
 
 SECRET_WANDB_KEY = "bertscaleTestSecretKey0123456789abcdefghijklmnop"
 SECRET_HF_TOKEN = "hf_bertscaleTestSecretToken0123456789"
@@ -33,14 +36,16 @@ W_AND_B_INTERNAL = ("_runtime", "_step", "_timestamp")
 
 # --- unit tests --------------------------------------------------------------------------------
 
+
 def test_flops_per_token_counts_a_real_bert_large():
     """The formula's parameter count is exactly the non-embedding parameters of a real BertModel
     with BERT-large dims (built on the meta device: no memory, no download)."""
     import torch
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                        vocab_size=28996)
+    config = BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=28996
+    )
     with torch.device("meta"):
         encoder_only = BertModel(config, add_pooling_layer=False)
         with_pooler = BertModel(config)
@@ -80,7 +85,6 @@ def test_throughput_excludes_paused_time():
     assert out["mfu"] == pytest.approx(out["tflops_per_gpu"] / PEAK)
 
 
-
 def test_mean_throughput_is_total_work_over_total_time(monkeypatch):
     """A fast interval and a slow one of equal work: the mean is 2 x work / total time (the mean of
     the two rates would say more); the first interval (start-up) is left out."""
@@ -88,7 +92,7 @@ def test_mean_throughput_is_total_work_over_total_time(monkeypatch):
     from transformers import BertConfig
 
     clock = [0.0]
-    monkeypatch.setattr(tracking.time, "time", lambda: clock[0])
+    monkeypatch.setattr(throughput.time, "time", lambda: clock[0])
     speed = tracking.Throughput(BertConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256), PEAK, 1)
     batch = {"attention_mask": torch.ones(8, 16, dtype=torch.long)}
     assert speed.summary() == {}
@@ -101,27 +105,17 @@ def test_mean_throughput_is_total_work_over_total_time(monkeypatch):
     assert mean["mean_tokens_per_s"] == pytest.approx(16 * 16 / 4.0)
     assert mean["mean_mfu"] == pytest.approx(mean["mean_tflops_per_gpu"] / PEAK)
 
-def test_watchdog_rules():
-    fp16 = {"fp16": {"enabled": True, "min_loss_scale": 1}}
-    dog = tracking.LossScaleWatchdog(fp16, window=10)
-    assert dog.check(2.0 ** 10, True) is None  # one overflow: normal back-off
-    assert "fell to its minimum (1)" in dog.check(1.0, True)
-    assert tracking.LossScaleWatchdog(fp16, window=10).check(1.0, False) is None  # at min but learning
-
-    dog = tracking.LossScaleWatchdog(fp16, window=10)
-    results = [dog.check(2.0 ** 12, skipped) for skipped in [True, False] * 3 + [True] * 4]
-    assert results[:-1] == [None] * 9 and "70% of the last 10 steps" in results[-1]
-    assert "--bf16" in results[-1] and "--learning-rate" in results[-1]
-
-    bf16 = tracking.LossScaleWatchdog({"bf16": {"enabled": True}}, window=2)
-    assert [bf16.check(None, True) for _ in range(5)] == [None] * 5
-
 
 def test_redact_secrets():
-    cfg = {"run": {"model": "tiny", "max_tokens": 5, "run_name": f"x-{SECRET_WANDB_KEY}"},
-           "deepspeed": {"comet": {"enabled": False, "api_key": SECRET_COMET_KEY, "workspace": None},
-                         "optimizer": {"params": {"lr": 1e-3}}},
-           "hf_token": "hf_abc", "list": [{"password": "pw"}]}
+    cfg = {
+        "run": {"model": "tiny", "max_tokens": 5, "run_name": f"x-{SECRET_WANDB_KEY}"},
+        "deepspeed": {
+            "comet": {"enabled": False, "api_key": SECRET_COMET_KEY, "workspace": None},
+            "optimizer": {"params": {"lr": 1e-3}},
+        },
+        "hf_token": "hf_abc",
+        "list": [{"password": "pw"}],
+    }
     out = tracking.redact_secrets(cfg, secrets={SECRET_WANDB_KEY})
     assert out["deepspeed"]["comet"] == {"enabled": False, "api_key": "<redacted>", "workspace": None}
     assert out["run"] == {"model": "tiny", "max_tokens": 5, "run_name": "<redacted>"}
@@ -150,25 +144,66 @@ def test_resumed_tracker_drops_rows_after_the_checkpoint(tmp_path):
     again, so the old ones (and a torn last line) leave metrics.jsonl."""
     rows = [{"step": s, "loss": 1.0 / s} for s in (2, 4, 6)] + [{"step": 4, "eval": 1, "eval_f1": 3.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
-    tracker = tracking.Tracker(RunConfig(output_dir=str(tmp_path), wandb_mode="disabled"), {}, 10, start_step=4)
+    tracker = tracking.Tracker(LogArgs(wandb_mode="disabled"), tmp_path, {}, 10, start_step=4)
     tracker.log(6, {"loss": 0.5})
     tracker.summary({"best_metric": 3.0})
     tracker.finish()
     got = read_metrics(tmp_path)
     assert [(r["step"], "loss" in r, "summary" in r) for r in got] == [
-        (2, True, False), (4, True, False), (4, False, False), (6, True, False), (6, False, True)]
+        (2, True, False),
+        (4, True, False),
+        (4, False, False),
+        (6, True, False),
+        (6, False, True),
+    ]
     assert got[3]["loss"] == 0.5 and got[-1]["best_metric"] == 3.0
 
 
 # --- real runs ---------------------------------------------------------------------------------
 
+
 def finetune_args(out: Path, ds_config: Path, max_steps: int) -> list[str]:
-    return ["finetune", "--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-            "--eval-file", str(SQUAD / "dev-v1.1-part1.json"), "--max-train-samples", "120",
-            "--max-eval-samples", "40", "--max-seq-length", "192", "--doc-stride", "64", "--micro-batch-size", "8",
-            "--max-steps", str(max_steps), "--log-every", "2", "--eval-every", "4", "--save-every", "4",
-            "--learning-rate", "1e-3", "--peak-tflops", str(PEAK), "--ds-config", str(ds_config),
-            "--output-dir", str(out), "--run-name", "obs-main", "--wandb-group", "obs-group"]
+    return [
+        "finetune",
+        "--task",
+        "squad",
+        "--model",
+        "tiny",
+        "--train-file",
+        str(SQUAD / "train-v1.1-first44.json"),
+        "--eval-file",
+        str(SQUAD / "dev-v1.1-part1.json"),
+        "--max-train-samples",
+        "120",
+        "--max-eval-samples",
+        "40",
+        "--max-seq-length",
+        "192",
+        "--doc-stride",
+        "64",
+        "--micro-batch-size",
+        "8",
+        "--max-steps",
+        str(max_steps),
+        "--log-every",
+        "2",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--peak-tflops",
+        str(PEAK),
+        "--ds-config",
+        str(ds_config),
+        "--output-dir",
+        str(out),
+        "--run-name",
+        "obs-main",
+        "--wandb-group",
+        "obs-group",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +226,13 @@ def main_run(tmp_path_factory):
 
 def wandb_records(run_dir: Path) -> list[dict]:
     """The records of a run's .wandb transaction log, decoded by wandb itself (`wandb leet inspect`)."""
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-                          capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -242,9 +282,13 @@ def test_wandb_config_holds_run_and_deepspeed_without_secrets(main_run, wandb_se
 def test_wandb_history_matches_metrics_jsonl(main_run, wandb_segments):
     """Same steps, same keys, same values in W&B (first segment) and metrics.jsonl."""
     records = wandb_segments[0]
-    history = {r["history"]["step"]["num"]: {k: v for k, v in r["history"]["item"].items()
-                                             if k not in W_AND_B_INTERNAL and not k.startswith("_wandb")}
-               for r in records if r["type"] == "history"}
+    history = {
+        r["history"]["step"]["num"]: {
+            k: v for k, v in r["history"]["item"].items() if k not in W_AND_B_INTERNAL and not k.startswith("_wandb")
+        }
+        for r in records
+        if r["type"] == "history"
+    }
     jsonl = metrics_by_step(main_run["first_metrics"])
     assert sorted(history) == sorted(jsonl) == [2, 4, 6, 8]
     for step, row in jsonl.items():
@@ -252,8 +296,21 @@ def test_wandb_history_matches_metrics_jsonl(main_run, wandb_segments):
         for key, value in row.items():
             assert history[step][key] == pytest.approx(value, rel=1e-9), (step, key)
     logged = history[4]
-    for key in ("loss", "lr", "skipped_steps", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_gpu",
-                "mfu", "mem_rss_gib", "eval_exact_match", "eval_f1", "eval_seconds", "eval_examples_per_s"):
+    for key in (
+        "loss",
+        "lr",
+        "skipped_steps",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "tflops_per_gpu",
+        "mfu",
+        "mem_rss_gib",
+        "eval_exact_match",
+        "eval_f1",
+        "eval_seconds",
+        "eval_examples_per_s",
+    ):
         assert key in logged, key
     assert logged["eval_examples_per_s"] * logged["eval_seconds"] == pytest.approx(40)  # questions, not windows
     assert "loss_scale" not in logged  # fp32 run: no loss scale to report
@@ -267,8 +324,18 @@ def test_wandb_summary_has_final_best_throughput_and_time(main_run, wandb_segmen
     summary = merged_summary(records)
     jsonl_summary = [r for r in main_run["first_metrics"] if "summary" in r]
     assert len(jsonl_summary) == 1 and jsonl_summary[0]["step"] == 8
-    for key in ("final_f1", "final_exact_match", "best_metric", "steps", "total_time_s", "mean_samples_per_s",
-                "mean_tokens_per_s", "mean_tflops_per_gpu", "mean_mfu", "mem_rss_peak_gib"):
+    for key in (
+        "final_f1",
+        "final_exact_match",
+        "best_metric",
+        "steps",
+        "total_time_s",
+        "mean_samples_per_s",
+        "mean_tokens_per_s",
+        "mean_tflops_per_gpu",
+        "mean_mfu",
+        "mem_rss_peak_gib",
+    ):
         assert summary[key] == pytest.approx(jsonl_summary[0][key], rel=1e-9), key
     assert summary["steps"] == 8 and summary["total_time_s"] > 0
     assert next(r for r in records if r["type"] == "exit")["exit"].get("exit_code", 0) == 0
@@ -290,7 +357,7 @@ def test_resume_continues_the_same_wandb_run(main_run, wandb_segments):
     train_steps = [r["step"] for r in rows if "loss" in r and "eval" not in r]
     assert train_steps == [2, 4, 6, 8, 10, 12]  # one history: no duplicates across the resume
     assert [r["step"] for r in rows if "summary" in r] == [12]
-    assert rows[:len(main_run["first_metrics"]) - 1] == main_run["first_metrics"][:-1]  # the first run's rows stay
+    assert rows[: len(main_run["first_metrics"]) - 1] == main_run["first_metrics"][:-1]  # the first run's rows stay
 
 
 @pytest.mark.slow
@@ -307,8 +374,9 @@ def run_on_terminal(cmd: list[str], env: dict, timeout: int = 600) -> tuple[int,
     """Run cmd with stdout and stderr on a pseudo-terminal (like an interactive shell)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True
+    )
     os.close(slave)
     chunks, deadline = [], time.time() + timeout
     try:
@@ -341,12 +409,43 @@ def watchdog_run(tmp_path_factory):
     cfg["fp16"].update(initial_scale_power=0, min_loss_scale=1, hysteresis=1)
     (tmp / "fp16_min_scale.json").write_text(json.dumps(cfg))
     out = tmp / "fp16-run"
-    args = ["finetune", "--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-            "--eval-file", str(SQUAD / "dev-v1.1-part1.json"), "--max-train-samples", "100",
-            "--max-eval-samples", "20", "--max-seq-length", "128", "--doc-stride", "32", "--micro-batch-size", "4",
-            "--max-steps", "10", "--log-every", "5", "--warmup-ratio", "0", "--learning-rate", "1e4", "--fp16",
-            "--ds-config", str(tmp / "fp16_min_scale.json"), "--wandb-mode", "disabled",
-            "--output-dir", str(out), "--overwrite-output-dir"]
+    args = [
+        "finetune",
+        "--task",
+        "squad",
+        "--model",
+        "tiny",
+        "--train-file",
+        str(SQUAD / "train-v1.1-first44.json"),
+        "--eval-file",
+        str(SQUAD / "dev-v1.1-part1.json"),
+        "--max-train-samples",
+        "100",
+        "--max-eval-samples",
+        "20",
+        "--max-seq-length",
+        "128",
+        "--doc-stride",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--max-steps",
+        "10",
+        "--log-every",
+        "5",
+        "--warmup-ratio",
+        "0",
+        "--learning-rate",
+        "1e4",
+        "--fp16",
+        "--ds-config",
+        str(tmp / "fp16_min_scale.json"),
+        "--wandb-mode",
+        "disabled",
+        "--output-dir",
+        str(out),
+        "--overwrite-output-dir",
+    ]
     cmd = [*LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "bertscale/cli.py", *args]
     rc, text = run_on_terminal(cmd, cpu_env(fp16=True))
     return {"out": out, "rc": rc, "text": text}
@@ -358,8 +457,10 @@ def test_watchdog_stops_collapsed_fp16_after_a_checkpoint(watchdog_run):
     assert watchdog_run["rc"] == 2, text[-3000:]
     errors = re.findall(r"bertscale: error: (.*)", text)
     assert len(errors) == 1, errors  # one message, from rank 0 only
-    assert errors[0].startswith("fp16 training is not learning: the fp16 loss scale fell to its minimum (1) "
-                                "and steps still overflow. Use --bf16")
+    assert errors[0].startswith(
+        "fp16 training is not learning: the fp16 loss scale fell to its minimum (1) "
+        "and steps still overflow. Use --bf16"
+    )
     assert "lower --learning-rate" in errors[0]
     saved = Path(re.search(r"checkpointed first: (\S+)", errors[0]).group(1).strip())
     assert saved.parent == out / "checkpoints" and (saved / "trainer_state.json").is_file()
@@ -391,27 +492,13 @@ def test_report_overlays_runs(main_run, watchdog_run, tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, p
 
 
-def test_report_needs_metrics_jsonl(tmp_path):
-    proc = bertscale_single(["report", str(tmp_path)])
-    assert proc.returncode == 2
-    assert f"bertscale: error: {tmp_path}: no metrics.jsonl here" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_report_legend_names_tell_runs_apart(tmp_path):
-    from bertscale.report import run_labels
-
-    assert run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
-    assert run_labels([tmp_path / "lr1e-3", tmp_path / "lr3e-4"]) == ["lr1e-3", "lr3e-4"]
-
-
 @pytest.mark.gpu
 def test_gpu_memory_and_peak():
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    torch.ones(2 ** 20, device="cuda")
+    torch.ones(2**20, device="cuda")
     stats = tracking.memory_stats()
     assert stats["mem_peak_gib"] >= 4 / 1024 and stats["mem_reserved_gib"] >= stats["mem_allocated_gib"]
     name = torch.cuda.get_device_name()
@@ -425,8 +512,14 @@ def test_wandb_online_start_failure_falls_back_to_offline(tmp_path):
     training goes on, logged offline under the same run id for a later `wandb sync`."""
     env = cpu_env(WANDB_API_KEY=SECRET_WANDB_KEY, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="5")
     del env["WANDB_MODE"]
-    proc = subprocess.run([sys.executable, "tests/workers/obs_tracker.py", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tests/workers/obs_tracker.py", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = re.search(r"RUN_ID (\w+)", proc.stdout).group(1)
     assert "[bertscale] W&B online start failed (" in proc.stderr

@@ -1,0 +1,24 @@
+"""DeepSpeed checkpoints: saving and pruning (save.py), which one a run resumes from (resume.py),
+loading it exactly (load.py), weights-only unpickling (safe_load.py), and HF export (export.py)."""
+
+from .export import consolidated_state_dict, export
+from .load import load
+from .resume import check_same_setup, plan_resume
+from .safe_load import safe_load
+from .save import STATE_FILE, engine_setup, latest, prune, read_state, root, save
+
+__all__ = [
+    "STATE_FILE",
+    "check_same_setup",
+    "consolidated_state_dict",
+    "engine_setup",
+    "export",
+    "latest",
+    "load",
+    "plan_resume",
+    "prune",
+    "read_state",
+    "root",
+    "safe_load",
+    "save",
+]
