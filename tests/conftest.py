@@ -40,6 +40,9 @@ def cpu_env(fp16: bool = False, **extra) -> dict:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        # DeepSpeed's JIT ops (CPU Adam, shm allreduce) in this venv: in the shared ~/.cache, checkouts
+        # with their own venvs rebuild them for each other (minutes per launch on a busy machine).
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
     }
     if fp16:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FP16_FIXTURE), env.get("PYTHONPATH")]))
