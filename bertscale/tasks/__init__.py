@@ -30,7 +30,7 @@ def builtin() -> list[type]:
     """The registered task classes of this package (its modules are imported once, on first use)."""
     global _loaded
     if not _loaded:
-        for module in pkgutil.iter_modules(__path__):
+        for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):  # same order everywhere
             if not module.name.startswith("_"):
                 importlib.import_module(f"{__name__}.{module.name}")
         _loaded = True
