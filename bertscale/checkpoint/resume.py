@@ -91,9 +91,20 @@ SETUP_WORDS = {
 }
 
 
+def changes(saved: dict, now: dict) -> list[str]:
+    """What differs between the setup a checkpoint was written with and this run's, in words
+    ("2 ranks -> 1 rank"); empty when a plain resume loads it exactly."""
+    return [
+        f"{words(saved[k])} -> {words(now[k])}"
+        for k, words in SETUP_WORDS.items()
+        if k in saved and k in now and saved[k] != now[k]
+    ]
+
+
 def check_same_setup(ckpt: Path, state: dict, now: dict) -> None:
-    """ZeRO checkpoints hold per-rank partitions in one stage's layout and precision: refuse a
-    resume that DeepSpeed would fail on with a traceback, or would load inexactly."""
+    """ZeRO checkpoints hold per-rank partitions in one stage's layout and precision: the exact load
+    refuses another setup (which DeepSpeed would fail on with a traceback, or load inexactly); the
+    trainer sends those through universal.py instead."""
     for key, words in SETUP_WORDS.items():
         if key in now and key in state and state[key] != now[key]:
             raise UserError(
