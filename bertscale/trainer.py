@@ -296,15 +296,17 @@ def add_losses(sums: dict, loss, parts: dict) -> None:
 
 
 def log_training(t: Training, epoch: float, scale) -> None:
-    """One metrics row: mean losses of the window, lr, throughput, memory, fp16 state, grad norm."""
+    """One metrics row: mean losses of the window over all ranks, lr, throughput, memory, fp16 state,
+    grad norm. Every rank calls it: the losses are averaged in one all-reduce per logged line."""
     engine, sums = t.engine, t.loss
     count = sums.pop("count")
+    means = {k: v / count for k, v in zip(sums, dist.mean_over_ranks(list(sums.values()), engine.device))}
     row = {
         "epoch": epoch,
-        "loss": float(sums.pop("loss")) / count,
+        "loss": means.pop("loss"),
         "lr": engine.get_lr()[0],
         "skipped_steps": engine.skipped_steps,
-        **{k: float(v) / count for k, v in sums.items()},
+        **means,
         **t.speed.report(),
         **memory_stats(),
     }
