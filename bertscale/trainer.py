@@ -110,12 +110,13 @@ def setup(run: Run) -> Training:
     steps = data.plan_steps(rows, run.optim, world, task.describe_train_data(rows) if rows is not None else "")
     ds_cfg = ds_config.fill_schedule(ds_cfg, run.optim, steps.total_steps)
     split = data.Split(run.optim.micro_batch_size, run.optim.grad_accum, world, dist.rank())
+    universal = resume_from is not None and universal_resume(resume_from, ds_cfg, world, streaming=rows is None)
 
     engine = engines.build(run.model, run.optim.weight_decay, task, ds_cfg)
     engine.module.config.bertscale_task = run.task  # exported models say which task made them
     state = TrainState(model=run.model.model, task=run.task, epoch_batch=split.global_batch)
     if resume_from is not None:
-        resume(engine, resume_from, state, split)
+        resume(engine, resume_from, universal, state, run.optim.seed, split)
     record = {"run": run.flags(), "deepspeed": redact_secrets(ds_cfg), "world_size": world}
     prepare_output_dir(run, task, record)  # after the load: a checkpoint that fails to load changes nothing
 
@@ -152,16 +153,40 @@ def setup(run: Run) -> Training:
     return t
 
 
-def resume(engine, ckpt: Path, state: TrainState, split: data.Split) -> None:
-    """Load `ckpt` into the engine and `state`, and say so in one log line, with where the data
-    continues when the global batch changed."""
+def universal_resume(ckpt: Path, ds_cfg: dict, world: int, streaming: bool) -> bool:
+    """Whether resuming `ckpt` takes a universal checkpoint (another number of ranks, ZeRO stage or
+    precision than it was written with); if so, it is converted now (once, by rank 0)."""
     saved = checkpoint.read_state(ckpt)
-    loaded = checkpoint.load(engine, ckpt)
+    now = {"world_size": world, "zero_stage": engines.zero_stage(ds_cfg), "precision": ds_config.precision_of(ds_cfg)}
+    if streaming and saved.get("world_size", world) != world:
+        raise UserError(
+            f"{ckpt} was written with {saved['world_size']} ranks and this run has {world}: a streamed data set "
+            "is read as one shard per rank, so its position cannot carry over to another number of ranks. "
+            f"Resume with {saved['world_size']} ranks, or continue from its weights: bertscale export "
+            f"--checkpoint {ckpt} --output W, then train with --model W in a new --output-dir",
+            echo=dist.is_main(),
+        )
+    if not checkpoint.changes(saved, now):
+        return False
+    checkpoint.prepare_universal(ckpt)
+    return True
+
+
+def resume(engine, ckpt: Path, universal: bool, state: TrainState, seed: int, split: data.Split) -> None:
+    """Load `ckpt` into the engine and `state`, and say so in one log line: what changed (through a
+    universal checkpoint), and where the data continues when the global batch changed."""
+    saved = checkpoint.read_state(ckpt)
+    if universal:
+        loaded, what = checkpoint.load_universal(engine, ckpt, seed)
+    else:
+        loaded, what = checkpoint.load(engine, ckpt), ""
     state.update(loaded)
     state.position_from_batches(loaded, split.micro, saved.get("world_size", split.world))
     if "samples" not in loaded:
         state.samples = int(engine.global_samples)  # DeepSpeed counts them too
     line = f"[bertscale] Resumed from {ckpt} (step {state.step})"
+    if universal:
+        line += f" through a universal checkpoint: {what}"
     before = saved.get("global_batch")
     if before and before != split.global_batch:
         line += (
