@@ -7,7 +7,8 @@ dropout off, global batch 8 = micro 4 x accumulation x ranks) in three launches:
   A, 2 ranks: the uninterrupted runs z2 and z3 (ZeRO-2, ZeRO-3; saved at steps 3 and 6), and resumes
      of their step 3 on another stage with the same ranks (z2 -> z3, z3 -> z2, z2 -> ZeRO-3 offload);
   B, 1 rank (accumulation 2): resumes of z2's and z3's step 3 (2 -> 1 rank), one in bf16, one from a
-     copy whose conversion was SIGKILLed; and 1-rank runs w1-z2, w1-z3 (the sources for C);
+     copy whose conversion was SIGKILLed, one with global batch 4; and 1-rank runs w1-z2, w1-z3 (the
+     sources for C);
   C, 2 ranks: resumes of w1-z2's and w1-z3's step 3 (1 -> 2 ranks).
 Six steps cross an epoch boundary (4 steps per epoch), so the data position carries over too.
 """
@@ -56,6 +57,7 @@ LAUNCH_B = {
     "z3to1": ("zero3", "fp32", "z3", "z3"),
     "killed": ("zero2", "fp32", "killed", "z2"),
     "z2to1bf16": ("zero2", "bf16", "z2", "z2"),
+    "z2to1g4": ("zero2", "fp32", "z2", "z2"),
     "w1-z2": ("zero2", "fp32", None, "z2"),
     "w1-z3": ("zero3", "fp32", None, "z3"),
 }
@@ -63,9 +65,10 @@ LAUNCH_C = {
     "w1z2to2": ("zero2", "fp32", "w1-z2", "z2"),
     "w1z3to2": ("zero3", "fp32", "w1-z3", "z3"),
 }
+EXTRA = {"z2to1g4": "--global-batch-size=4"}  # a run's own flags
 RUNS = {**LAUNCH_A, **LAUNCH_B, **LAUNCH_C}
 RESUMES = {k: v for k, v in RUNS.items() if v[2]}
-EXACT = [k for k, v in RESUMES.items() if v[1] == "fp32"]
+EXACT = [k for k, v in RESUMES.items() if v[1] == "fp32" and k not in EXTRA]
 
 
 def step3(out: Path, name: str) -> Path:
@@ -74,7 +77,7 @@ def step3(out: Path, name: str) -> Path:
 
 def run_launch(out: Path, ranks: int, runs: dict, log: str) -> None:
     specs = [
-        ":".join([name, cfg, prec] + ([str(step3(out, src))] if src else []))
+        ":".join([name, cfg, prec] + ([str(step3(out, src))] if src else []) + ([EXTRA[name]] if name in EXTRA else []))
         for name, (cfg, prec, src, _) in runs.items()
     ]
     start = time.monotonic()
@@ -177,6 +180,21 @@ def test_a_precision_change_continues_from_the_same_weights(runs):
     assert all(abs(resumed[s] - reference[s]) <= 0.2 * reference[s] for s in resumed), (resumed, reference)
 
 
+@pytest.mark.slow
+def test_another_global_batch_continues_from_the_same_sample(runs):
+    """z2's step 3 (global batch 8, sample 24 of the 32 that fill epoch 0) resumed with global batch 4:
+    steps 4 and 5 take samples 24-31 of epoch 0's order, step 6 the first 4 of epoch 1's (built with 4)."""
+    assert list(losses(runs, "z2to1g4")) == [4, 5, 6]
+    state = checkpoint.read_state(checkpoint.root(runs / "z2to1g4") / "step-6")
+    assert {k: state[k] for k in ("samples", "epoch", "samples_in_epoch", "epoch_batch", "global_batch")} == {
+        "samples": 36,
+        "epoch": 1,
+        "samples_in_epoch": 4,
+        "epoch_batch": 4,
+        "global_batch": 4,
+    }
+
+
 # --- what the user is told, RNG --------------------------------------------------------------
 
 
@@ -190,6 +208,8 @@ def test_one_log_line_says_what_changed(runs):
         "w1z3to2": f"1 rank -> 2 ranks; rank 1 seeded from the run's seed and step, {dropout}",
         "z2toz3": "ZeRO stage 2 -> ZeRO stage 3\n",
         "z2to1bf16": f"2 ranks -> 1 rank, fp32 -> bf16; RNG state of rank 1 dropped, {dropout}",
+        "z2to1g4": f"2 ranks -> 1 rank; RNG state of rank 1 dropped, {dropout}; global batch 8 -> 4: training "
+        "continues from sample 24 (sample 24 of epoch 0), the learning-rate schedule from step 3",
     }
     for name, what in expected.items():
         assert head.format(step3(runs, RESUMES[name][2])) + what in logs, name
@@ -215,7 +235,7 @@ def test_rng_streams_of_kept_ranks_carry_over_and_new_ranks_are_seeded(runs):
 @pytest.mark.slow
 def test_conversion_runs_once_and_is_reused(runs):
     logs = "".join((runs / f"{x}.log").read_text() for x in "abc")
-    for name in ("z2", "z3", "w1-z2"):  # z2's step 3 is resumed four times
+    for name in ("z2", "z3", "w1-z2"):  # z2's step 3 is resumed five times
         assert logs.count(f"converting {step3(runs, name)} to a universal checkpoint") == 1, name
     marker = json.loads((step3(runs, "z2") / "universal" / universal.MARKER).read_text())
     assert marker["source"] == {"step": 3, "world_size": 2, "zero_stage": 2, "precision": "fp32"}

@@ -1,13 +1,14 @@
 """Rank worker for test_universal_checkpoint.py: several real trainer runs in one launch, some of them
 resumed from checkpoints written with another number of ranks, ZeRO stage or precision.
 
-    universal_resume.py OUT RUN... -- FINETUNE_FLAGS...      RUN = NAME:DS_CONFIG:PRECISION[:FROM]
+    universal_resume.py OUT RUN... -- FINETUNE_FLAGS...      RUN = NAME:DS_CONFIG:PRECISION[:FROM[:FLAG,...]]
 
 Each RUN is `bertscale finetune FINETUNE_FLAGS --ds-config DS_CONFIG --PRECISION --output-dir OUT/NAME`,
-plus `--resume FROM` (a step-N checkpoint) when given. Launching ranks costs ~20 s of imports on 2
-cores, so one launch trains every run of its rank count. Besides the run's own files (metrics.jsonl,
-checkpoints, final/), each rank writes OUT/NAME/rng_rank{R}.json: its first torch.rand after the
-resume or after the step-3 save, drawn without moving the stream the run goes on with.
+plus `--resume FROM` (a step-N checkpoint) and the run's own FLAGs (--name=value) when given.
+Launching ranks costs ~20 s of imports on 2 cores, so one launch trains every run of its rank count.
+Besides the run's own files (metrics.jsonl, checkpoints, final/), each rank writes
+OUT/NAME/rng_rank{R}.json: its first torch.rand after the resume or after the step-3 save, drawn
+without moving the stream the run goes on with.
 """
 
 import json
@@ -58,10 +59,10 @@ def main(argv):
     dist.setup()
     current = recording(out)
     for spec in specs:
-        name, ds_config, precision, *source = spec.split(":", 3)
+        name, ds_config, precision, *source = spec.split(":", 4)
         current.update(name=name, resumed=bool(source))
         run_flags = [*flags, "--ds-config", ds_config, f"--{precision}", "--output-dir", str(out / name)]
-        run_flags += ["--resume", source[0]] if source else []
+        run_flags += ["--resume", source[0], *(source[1].split(",") if len(source) > 1 else [])] if source else []
         trainer.train(make_run(finetune.make_context("finetune", run_flags)))
     dist.teardown()
     dist.exit_process(0)  # see its docstring: finalization can abort a finished rank
