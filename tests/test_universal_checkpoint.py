@@ -314,3 +314,16 @@ def test_changes_in_words():
         "ZeRO stage 2 -> ZeRO stage 3",
         "fp32 -> bf16",
     ]
+
+
+def test_a_streamed_data_set_refuses_another_rank_count(tmp_path):
+    """A stream is read as one shard per rank: its position cannot move to another rank count."""
+    from bertscale import trainer
+
+    ckpt = tmp_path / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 2}))
+    cfg = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(UserError, match=r"written with 2 ranks and this run has 1: a streamed data set is read as one"):
+        trainer.universal_resume(ckpt, cfg, world=1, streaming=True)
+    assert trainer.universal_resume(ckpt, cfg, world=2, streaming=True) is False  # same setup: a plain resume
