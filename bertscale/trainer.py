@@ -143,10 +143,9 @@ def setup(run: Run) -> Training:
     if dist.is_main():
         print(
             f"[bertscale] {run.task}: {'streamed' if rows is None else rows} training rows, "
-            f"{world} rank{'s' * (world != 1)}, {steps.steps_per_epoch or '?'} steps/epoch, {steps.total_steps} steps, "
-            "global batch "
-            f"{split.global_batch} ({split.micro} x {split.accum} x {world}), precision "
-            f"{ds_config.precision_of(ds_cfg)}, ZeRO-{engines.zero_stage(ds_cfg)}",
+            f"{world} rank{'s' * (world != 1)}, {steps.steps_per_epoch or '?'} steps/epoch, "
+            f"{steps.total_steps} steps, global batch {split.global_batch} ({split.micro} x {split.accum} x {world}), "
+            f"precision {ds_config.precision_of(ds_cfg)}, ZeRO-{engines.zero_stage(ds_cfg)}",
             file=sys.stderr,
             flush=True,
         )
