@@ -43,6 +43,17 @@ class ModelArgs:
     gradient_checkpointing: bool | None = opt(
         None, "Activation checkpointing (default: on for models with 24+ layers)."
     )
+    hidden_dropout: float | None = opt(
+        None, "Dropout of the hidden layers and embeddings (default: the model config's hidden_dropout_prob)."
+    )
+    attention_dropout: float | None = opt(
+        None, "Dropout of the attention probabilities (default: the model config's attention_probs_dropout_prob)."
+    )
+
+    def config_overrides(self) -> dict:
+        """The model config values these flags set (dropout), for the model's construction."""
+        values = {"hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass
@@ -89,6 +100,12 @@ class OptimArgs:
     max_steps: int = opt(-1, "Stop after N optimizer steps (overrides --epochs when > 0).")
     micro_batch_size: int = opt(8, "Sequences per GPU per forward pass.", minimum=1)
     grad_accum: int = opt(1, "Micro batches per optimizer step.", minimum=1)
+    global_batch_size: int | None = opt(
+        None,
+        "Sequences per optimizer step over all ranks; sets --grad-accum to N / (micro batch x ranks), so a job "
+        "resumed on another number of GPUs or nodes keeps its global batch.",
+        minimum=1,
+    )
     warmup_ratio: float = opt(0.1, "Share of steps with linear warmup.")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.")

@@ -95,10 +95,14 @@ def predict(model, task, max_seq_length, **inputs):
 
 
 @main.command()
-@click.option("--checkpoint", required=True, help="OUTPUT_DIR/checkpoints/step-N, or an output dir (newest).")
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="OUTPUT_DIR/checkpoints/step-N, its universal/ conversion, or an output dir (newest).",
+)
 @click.option("--output", required=True, help="Directory for the Hugging Face model + tokenizer.")
 def export(checkpoint, output):
-    """Consolidate a (ZeRO-2/3) checkpoint into a Hugging Face model directory."""
+    """Consolidate a (ZeRO-2/3 or universal) checkpoint into a Hugging Face model directory."""
     from bertscale.checkpoint import export as do_export
 
     path = do_export(checkpoint, output)

@@ -213,3 +213,15 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(values: list, device=None) -> list[float]:
+    """The mean over ranks of each value (floats or 0-d tensors, on `device`), in one all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return stacked.tolist()

@@ -41,15 +41,16 @@ def zero_stage(cfg: dict) -> int:
 
 
 def build_model(model_args, task, cfg: dict):
-    """The task's model (`model_args`: the model flags); under ZeRO-3 partitioned as it is built
-    (HF's DeepSpeed integration)."""
+    """The task's model (`model_args`: the model flags, dropout included); under ZeRO-3 partitioned as
+    it is built (HF's DeepSpeed integration)."""
     hf_ds = None
     if zero_stage(cfg) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841 -- must stay alive while the model is built
     try:
-        model = models.build_model(model_args.model, task.model_class(), **task.model_config_overrides())
+        overrides = {**task.model_config_overrides(), **model_args.config_overrides()}
+        model = models.build_model(model_args.model, task.model_class(), **overrides)
     finally:
         if hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -11,7 +11,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    samples: int = 0  # trained in all
+    samples_in_epoch: int = 0  # the data position: samples of this epoch's order already trained
+    epoch_batch: int = 0  # the global batch this epoch's order was built with (data.py)
     best_metric: float | None = None
     best_tag: str | None = None
     evals_without_improvement: int = 0
@@ -52,6 +54,13 @@ class TrainState:
             if k in names:
                 setattr(self, k, v)
 
+    def position_from_batches(self, saved: dict, micro: int, world: int) -> None:
+        """A checkpoint written before positions were counted in samples holds `batch_in_epoch`, micro
+        batches per rank in an order built in units of micro x ranks: the same position in samples."""
+        if "samples_in_epoch" not in saved:
+            self.epoch_batch = micro * world
+            self.samples_in_epoch = int(saved.get("batch_in_epoch", 0)) * self.epoch_batch
+
 
 @dataclass
 class Training:
@@ -64,6 +73,7 @@ class Training:
     ds_cfg: dict
     train_feats: Any
     lengths: list | None  # None for a stream
+    split: data.Split  # micro batch x accumulation x ranks, and this rank
     eval_set: Any
     steps: data.StepPlan
     tracker: Tracker
@@ -87,6 +97,7 @@ def setup(run: Run) -> Training:
     dist.setup()
     stop = StopFlag()  # from the start, so a preemption during set-up still ends in a requeue
     world = dist.world_size()
+    run = replace(run, optim=data.with_global_batch(run.optim, world))  # --global-batch-size -> accumulation
     resume_from = checkpoint.plan_resume(run.ckpt, run.model.model, run.task)  # refuses mixed runs first
     ds_cfg = engines.resolve_config(run.optim, world)  # a bad config fails before any slow work
     seed_everything(run.optim.seed)
@@ -98,14 +109,14 @@ def setup(run: Run) -> Training:
     rows = None if lengths is None else len(lengths)
     steps = data.plan_steps(rows, run.optim, world, task.describe_train_data(rows) if rows is not None else "")
     ds_cfg = ds_config.fill_schedule(ds_cfg, run.optim, steps.total_steps)
+    split = data.Split(run.optim.micro_batch_size, run.optim.grad_accum, world, dist.rank())
+    universal = resume_from is not None and universal_resume(resume_from, ds_cfg, world, streaming=rows is None)
 
     engine = engines.build(run.model, run.optim.weight_decay, task, ds_cfg)
     engine.module.config.bertscale_task = run.task  # exported models say which task made them
-    state = TrainState(model=run.model.model, task=run.task)
+    state = TrainState(model=run.model.model, task=run.task, epoch_batch=split.global_batch)
     if resume_from is not None:
-        state.update(checkpoint.load(engine, resume_from))
-        if dist.is_main():
-            print(f"[bertscale] Resumed from {resume_from} (step {state.step})", file=sys.stderr, flush=True)
+        resume(engine, resume_from, universal, state, run.optim.seed, split)
     record = {"run": run.flags(), "deepspeed": redact_secrets(ds_cfg), "world_size": world}
     prepare_output_dir(run, task, record)  # after the load: a checkpoint that fails to load changes nothing
 
@@ -118,6 +129,7 @@ def setup(run: Run) -> Training:
         ds_cfg=ds_cfg,
         train_feats=train_feats,
         lengths=lengths,
+        split=split,
         eval_set=eval_set,
         steps=steps,
         tracker=Tracker(run.log, run.out, record, steps.total_steps, start_step=state.step),
@@ -130,13 +142,59 @@ def setup(run: Run) -> Training:
     )
     if dist.is_main():
         print(
-            f"[bertscale] {run.task}: {'streamed' if rows is None else rows} training rows, {world} ranks, "
-            f"{steps.steps_per_epoch or '?'} steps/epoch, {steps.total_steps} steps, precision "
-            f"{ds_config.precision_of(ds_cfg)}, ZeRO-{engines.zero_stage(ds_cfg)}",
+            f"[bertscale] {run.task}: {'streamed' if rows is None else rows} training rows, "
+            f"{world} rank{'s' * (world != 1)}, {steps.steps_per_epoch or '?'} steps/epoch, "
+            f"{steps.total_steps} steps, global batch {split.global_batch} ({split.micro} x {split.accum} x {world}), "
+            f"precision {ds_config.precision_of(ds_cfg)}, ZeRO-{engines.zero_stage(ds_cfg)}",
             file=sys.stderr,
             flush=True,
         )
     return t
+
+
+def universal_resume(ckpt: Path, ds_cfg: dict, world: int, streaming: bool) -> bool:
+    """Whether resuming `ckpt` takes a universal checkpoint (another number of ranks, ZeRO stage or
+    precision than it was written with); if so, it is converted now (once, by rank 0)."""
+    saved = checkpoint.read_state(ckpt)
+    now = {"world_size": world, "zero_stage": engines.zero_stage(ds_cfg), "precision": ds_config.precision_of(ds_cfg)}
+    if streaming and saved.get("world_size", world) != world:
+        raise UserError(
+            f"{ckpt} was written with {saved['world_size']} ranks and this run has {world}: a streamed data set "
+            "is read as one shard per rank, so its position cannot carry over to another number of ranks. "
+            f"Resume with {saved['world_size']} ranks, or continue from its weights: bertscale export "
+            f"--checkpoint {ckpt} --output W, then train with --model W in a new --output-dir",
+            echo=dist.is_main(),
+        )
+    if not checkpoint.changes(saved, now):
+        return False
+    checkpoint.prepare_universal(ckpt)
+    return True
+
+
+def resume(engine, ckpt: Path, universal: bool, state: TrainState, seed: int, split: data.Split) -> None:
+    """Load `ckpt` into the engine and `state`, and say so in one log line: what changed (through a
+    universal checkpoint), and where the data continues when the global batch changed."""
+    saved = checkpoint.read_state(ckpt)
+    if universal:
+        loaded, what = checkpoint.load_universal(engine, ckpt, seed)
+    else:
+        loaded, what = checkpoint.load(engine, ckpt), ""
+    state.update(loaded)
+    state.position_from_batches(loaded, split.micro, saved.get("world_size", split.world))
+    if "samples" not in loaded:
+        state.samples = int(engine.global_samples)  # DeepSpeed counts them too
+    line = f"[bertscale] Resumed from {ckpt} (step {state.step})"
+    if universal:
+        line += f" through a universal checkpoint: {what}"
+    before = saved.get("global_batch")
+    if before and before != split.global_batch:
+        line += (
+            f"; global batch {before} -> {split.global_batch}: training continues from sample {state.samples} "
+            f"(sample {state.samples_in_epoch} of epoch {state.epoch}), the learning-rate schedule from step "
+            f"{state.step}"
+        )
+    if dist.is_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 def fit(t: Training) -> None:
@@ -146,16 +204,9 @@ def fit(t: Training) -> None:
     engine.train()  # from_pretrained returns the model in eval mode: no dropout until this call
     skipped_before = engine.skipped_steps
     while state.step < t.steps.total_steps and not t.early_stopped:
-        for i, rows, n_batches in data.epoch_batches(
-            t.train_feats,
-            t.lengths,
-            run.optim.micro_batch_size,
-            dist.world_size(),
-            dist.rank(),
-            run.optim.seed,
-            state.epoch,
-            state.batch_in_epoch,
-            run.data.group_by_length,
+        position = (state.samples_in_epoch, state.epoch_batch)
+        for rows, epoch_samples in data.epoch_batches(
+            t.train_feats, t.lengths, t.split, run.optim.seed, state.epoch, position, run.data.group_by_length
         ):
             # forward, backward and step: DeepSpeed accumulates and steps every grad_accum micro batches
             batch = task.collate(rows)
@@ -163,18 +214,19 @@ def fit(t: Training) -> None:
             output = engine(**model_inputs(batch, task, engine.device))
             engine.backward(output.loss)
             engine.step()
-            state.batch_in_epoch = i + 1
             add_losses(t.loss, output.loss, task.loss_parts(output, batch))
             if engine.global_steps == state.step:
                 continue  # inside gradient accumulation
             state.step = step = engine.global_steps
+            state.samples += t.split.global_batch
+            state.samples_in_epoch += t.split.global_batch
 
             # log; an fp16 run whose loss scale collapsed stops here, after a checkpoint
             skipped, skipped_before = engine.skipped_steps > skipped_before, engine.skipped_steps
             scale = engine.optimizer.loss_scale if t.watchdog.enabled else None
             problem = t.watchdog.check(scale, skipped)
             if step % run.log.log_every == 0 or step == t.steps.total_steps or problem:
-                log_training(t, epoch=state.epoch + (i + 1) / (n_batches or float("inf")), scale=scale)
+                log_training(t, state.epoch + state.samples_in_epoch / (epoch_samples or float("inf")), scale)
             if problem:
                 saved = save(t)
                 t.tracker.finish()
@@ -200,7 +252,7 @@ def fit(t: Training) -> None:
                 break
         else:
             state.epoch += 1
-            state.batch_in_epoch = 0
+            state.samples_in_epoch, state.epoch_batch = 0, t.split.global_batch
 
 
 def finish(t: Training) -> dict:
@@ -268,15 +320,17 @@ def add_losses(sums: dict, loss, parts: dict) -> None:
 
 
 def log_training(t: Training, epoch: float, scale) -> None:
-    """One metrics row: mean losses of the window, lr, throughput, memory, fp16 state, grad norm."""
+    """One metrics row: mean losses of the window over all ranks, lr, throughput, memory, fp16 state,
+    grad norm. Every rank calls it: the losses are averaged in one all-reduce per logged line."""
     engine, sums = t.engine, t.loss
     count = sums.pop("count")
+    means = {k: v / count for k, v in zip(sums, dist.mean_over_ranks(list(sums.values()), engine.device))}
     row = {
         "epoch": epoch,
-        "loss": float(sums.pop("loss")) / count,
+        "loss": means.pop("loss"),
         "lr": engine.get_lr()[0],
         "skipped_steps": engine.skipped_steps,
-        **{k: float(v) / count for k, v in sums.items()},
+        **means,
         **t.speed.report(),
         **memory_stats(),
     }

@@ -22,6 +22,21 @@ export PYTHONUNBUFFERED=1
 
 say() { echo "[bertscale-slurm] $*"; }
 
+# Tasks of this allocation: SLURM_TASKS_PER_NODE ("8(x2)", "2,1") is computed for the nodes this run
+# got. SLURM_NTASKS is not: a job requeued onto fewer nodes (scontrol update JobId=N NumNodes=M while
+# it waits) keeps the task count of its first run there, and srun would pack those tasks onto the
+# nodes it has left.
+allocation_tasks() {
+    local total=0 part count repeat parts
+    IFS=, read -ra parts <<< "${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS:-1}}"
+    for part in "${parts[@]}"; do
+        count=${part%%(*} repeat=1
+        [[ $part == *"(x"* ]] && repeat=${part##*(x} && repeat=${repeat%)}
+        total=$((total + count * repeat))
+    done
+    echo "$total"
+}
+
 # run_bertscale ARGS...: `python -m bertscale ARGS $EXTRA_ARGS` on every task of the allocation.
 # Ends the batch script: exit 0 when done or requeued after a preemption checkpoint, else srun's code.
 run_bertscale() {
@@ -29,10 +44,14 @@ run_bertscale() {
     # USR1/TERM), and one line per failed rank in "failures", in the order they failed.
     export BERTSCALE_JOB_STATUS="$OUTPUT_DIR/.slurm-job-$SLURM_JOB_ID"
     rm -rf "$BERTSCALE_JOB_STATUS" && mkdir -p "$BERTSCALE_JOB_STATUS"
-    say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s), $SLURM_NTASKS task(s)," \
+    local nodes=$SLURM_JOB_NUM_NODES tasks
+    tasks=$(allocation_tasks)
+    say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s), $tasks task(s)," \
         "master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
+    # This allocation's counts, not the first run's: a checkpoint of another rank count resumes
+    # through a universal checkpoint (--global-batch-size keeps the global batch).
     # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words
-    srun --label --kill-on-bad-exit=1 bash "$BERTSCALE_ROOT/slurm/rank.sh" \
+    srun --label --kill-on-bad-exit=1 --nodes="$nodes" --ntasks="$tasks" bash "$BERTSCALE_ROOT/slurm/rank.sh" \
         "$PYTHON" -u -m bertscale "$@" ${EXTRA_ARGS:-}
     local rc=$? failures preempted
     failures=$(paste -sd ';' "$BERTSCALE_JOB_STATUS/failures" 2>/dev/null | sed 's/;/; /g')

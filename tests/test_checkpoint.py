@@ -1,5 +1,6 @@
 """Checkpoints: exact resume (ZeRO-2/3 x fp32/bf16), saves that survive SIGKILL, preemption by
-SIGTERM, ZeRO-3 export equal to the engine, and runs that must refuse before touching the output dir.
+SIGTERM, ZeRO-3 export equal to the engine, runs that must refuse before touching the output dir, and
+a resume on fewer ranks (test_universal_checkpoint.py has the exact checks of those).
 
 Everything runs real 2-rank CPU engines through the real launcher and CLI. Launches are few
 (each costs ~20 s of imports on 2 cores): one launch trains every exact-resume combo (see
@@ -293,10 +294,6 @@ REFUSALS = {
         lambda tmp, out: ["--model", str(out / "final")],
         ["holds checkpoints of another run (model 'tiny'", "--overwrite-output-dir"],
     ),
-    "fewer ranks than the checkpoint": (
-        lambda tmp, out: [],
-        ["written with 2 ranks and this run has 1 rank", "same number of ranks"],
-    ),
     "--resume none over checkpoints": (
         lambda tmp, out: ["--resume", "none"],
         ["--resume none starts a new run", "--overwrite-output-dir"],
@@ -308,7 +305,8 @@ REFUSALS = {
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refused_run_leaves_output_dir_untouched(finished_run, tmp_path, case):
     """Exit 2 with one clear line (no traceback); not a byte nor an mtime changes in the output dir.
-    One plain process (world size 1) against a 2-rank run's dir: fast, and a rank mismatch too."""
+    One plain process (world size 1) against a 2-rank run's dir: fast, and a rank change that is not
+    the reason for the refusal (it would resume, see below)."""
     extra, messages = REFUSALS[case]
     before = snapshot(finished_run)
     proc = bertscale_single(["finetune", *FLAGS, "--output-dir", str(finished_run), *extra(tmp_path, finished_run)])
@@ -317,6 +315,25 @@ def test_refused_run_leaves_output_dir_untouched(finished_run, tmp_path, case):
         assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert snapshot(finished_run) == before
+
+
+@pytest.mark.slow
+def test_fewer_ranks_than_the_checkpoint_resume_and_the_conversion_is_pruned_with_it(finished_run):
+    """One rank continues a finished 2-rank run by one step (same global batch: accumulation 2), through
+    a universal conversion of step-6; --keep 1 then prunes step-6 and its conversion with it."""
+    ckroot = checkpoint.root(finished_run)
+    before = losses(finished_run)
+    more = ["--grad-accum", "2", "--max-steps", "7", "--keep", "1"]
+    proc = bertscale_single(["finetune", *FLAGS, "--output-dir", str(finished_run), *more])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        f"Resumed from {ckroot / 'step-6'} (step 6) through a universal checkpoint: 2 ranks -> 1 rank; RNG "
+        "state of rank 1 dropped, so dropout masks differ from an uninterrupted run"
+    ) in proc.stderr
+    assert [d.name for d in ckroot.iterdir() if d.is_dir()] == ["step-7"]  # step-6/universal went with step-6
+    assert checkpoint.read_state(ckroot / "step-7")["world_size"] == 1
+    after = losses(finished_run)
+    assert list(after) == [1, 2, 3, 4, 5, 6, 7] and {s: after[s] for s in before} == before
 
 
 # --- pure file logic (no engine) -------------------------------------------------------------
@@ -342,5 +359,7 @@ def test_prune_keeps_newest_and_protected_and_drops_leftovers(tmp_path):
         fake_checkpoint(ckroot, f"step-{i}")
     fake_checkpoint(ckroot, ".tmp-step-6", complete=False)  # a save killed mid-write
     fake_checkpoint(ckroot, ".deleting-step-0")  # a delete killed midway
+    (ckroot / "step-2" / "universal" / "zero").mkdir(parents=True)  # its conversion for another setup
+    (ckroot / "step-3" / ".universal.tmp-host-1").mkdir()  # and one that was killed
     checkpoint.prune(ckroot, keep=2, protect="step-1")
     assert sorted(p.name for p in ckroot.iterdir()) == ["step-1", "step-4", "step-5"]

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
-from conftest import DATA, ROOT, cpu_env
+from conftest import DATA, ROOT, cpu_env, train_rows
 from slurm_cluster import SlurmCluster, ensure_slurm_installed
 
 pytestmark = pytest.mark.slurm
@@ -47,6 +48,7 @@ def submit(
     (job id, job log, output dir)."""
     out = tmp_path / "run"
     log = tmp_path / "job.out"
+    tmp_path.mkdir(parents=True, exist_ok=True)  # Slurm fails a job whose --output folder is missing
     flags = {
         "max_steps": 3,
         "save_every": 1000,
@@ -153,6 +155,51 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert Path(resumed.group(1)).parent == out / "checkpoints", resumed.group(0)
     assert Path(resumed.group(1)).exists(), resumed.group(0)
     assert (out / "eval_results.json").is_file(), text
+
+
+def test_job_preempted_on_two_nodes_resumes_on_one_node(cluster, tmp_path):
+    """USR1 on 2 nodes -> checkpoint -> requeue; a node is lost meanwhile, so the job is shrunk to 1 node
+    while it waits (scontrol update NumNodes=1 NumTasks=1). common.sh starts 1 rank there (Slurm leaves
+    the first run's SLURM_NTASKS=2 in the job's environment), and the trainer resumes through a
+    universal checkpoint with accumulation 2 (--global-batch-size 8): every step's loss and the exported
+    weights are those of the same job run uninterrupted on 2 nodes alongside. --keep 1 prunes the
+    converted checkpoint, its conversion with it, at the end."""
+    flags = dict(max_steps=40, global_batch_size=8, hidden_dropout=0, attention_dropout=0, keep=1)
+    env = {"TRAIN_FILE": DATA / "squad" / "train-v1.1-first44.json", "BERTSCALE_DOC_STRIDE": 32}  # no eval
+    ref_job, ref_log, ref_out = submit(cluster, tmp_path / "reference", TWO_NODES, env=env, **flags)
+    job, log, out = submit(cluster, tmp_path / "preempted", TWO_NODES, env=env, **flags)
+    try:
+        wait_until_training(cluster, job, log, out)
+        cluster.scontrol("update", "NodeName=bsnode2", "State=DRAIN", "Reason=lost")  # the running jobs go on
+        cluster.run("scancel", "--signal=USR1", str(job))
+        deadline = time.monotonic() + 120
+        while not (cluster.job(job).get("Restarts") == "1" and cluster.job(job).get("JobState") == "PENDING"):
+            assert time.monotonic() < deadline and cluster.job(job).get("JobState") != "COMPLETED", read(log)
+            time.sleep(0.5)
+        cluster.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")  # what a user would do
+        end = cluster.wait(job, timeout=300)
+    finally:
+        cluster.scontrol("update", "NodeName=bsnode2", "State=RESUME", check=False)
+    text = read(log)
+    assert end["JobState"] == "COMPLETED", f"{end}\n{text}\n{cluster.log_tail()}"
+    assert cluster.completions(job)[-1]["NodeList"] == "bsnode1", cluster.completions(job)
+    assert re.search(r"restart 1\): 1 node\(s\), 1 task\(s\)", text), text
+    resumed = re.search(r"Resumed from (\S+) \(step (\d+)\) through a universal checkpoint: 2 ranks -> 1 rank; ", text)
+    assert resumed, text
+    assert cluster.wait(ref_job, timeout=300)["JobState"] == "COMPLETED", read(ref_log)
+
+    reference = {r["step"]: r["loss"] for r in train_rows(ref_out)}
+    losses = {r["step"]: r["loss"] for r in train_rows(out)}
+    assert list(losses) == list(reference) == list(range(1, 41))
+    assert 1 <= int(resumed.group(2)) < 40
+    worst = max(abs(losses[s] - reference[s]) / abs(reference[s]) for s in reference)
+    weights, ref_weights = (load_file(o / "final" / "model.safetensors") for o in (out, ref_out))
+    worst_weight = max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+    print(f"resumed at step {resumed.group(2)} on 1 node: losses {worst:.1e} relative, weights {worst_weight:.1e}")
+    assert worst <= 1e-5, (losses, reference)
+    assert worst_weight <= 1e-5
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-40"], kept  # step-N and its universal/ pruned
 
 
 def rank_pid(job: int, rank: int) -> int:

@@ -1,21 +1,27 @@
 """DeepSpeed checkpoints: saving and pruning (save.py), which one a run resumes from (resume.py),
-loading it exactly (load.py), weights-only unpickling (safe_load.py), and HF export (export.py)."""
+loading it exactly (load.py) or on another setup through a universal checkpoint (universal.py),
+weights-only unpickling (safe_load.py), and HF export (export.py)."""
 
 from .export import consolidated_state_dict, export
 from .load import load
-from .resume import check_same_setup, plan_resume
+from .resume import changes, check_same_setup, plan_resume
 from .safe_load import safe_load
 from .save import STATE_FILE, engine_setup, latest, prune, read_state, root, save
+from .universal import load as load_universal
+from .universal import prepare as prepare_universal
 
 __all__ = [
     "STATE_FILE",
+    "changes",
     "check_same_setup",
     "consolidated_state_dict",
     "engine_setup",
     "export",
     "latest",
     "load",
+    "load_universal",
     "plan_resume",
+    "prepare_universal",
     "prune",
     "read_state",
     "root",

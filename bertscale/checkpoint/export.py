@@ -1,5 +1,5 @@
-"""Export: consolidate a (ZeRO-2/3) checkpoint into a Hugging Face model directory (fp32 weights,
-config, tokenizer) that `from_pretrained` loads."""
+"""Export: consolidate a (ZeRO-2/3) checkpoint, or its universal conversion (step-N/universal), into a
+Hugging Face model directory (fp32 weights, config, tokenizer) that `from_pretrained` loads."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ from pathlib import Path
 from ..errors import UserError
 from .safe_load import safe_load
 from .save import latest
+from .universal import is_universal
+from .universal import state_dict as universal_state_dict
 
 
 def consolidated_state_dict(ckpt: Path) -> dict:
-    """fp32 weights gathered from all ZeRO partitions (or the plain module for stage 0)."""
+    """fp32 weights gathered from all ZeRO partitions (or the plain module for stage 0, or the
+    per-parameter files of a universal checkpoint)."""
     ckpt = Path(ckpt)
+    if is_universal(ckpt):
+        return universal_state_dict(ckpt)
     if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("*zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -38,12 +43,13 @@ def export(ckpt, output) -> Path:
     ckpt, output = Path(ckpt), Path(output)
     if (ckpt / "checkpoints").is_dir():
         ckpt = latest(ckpt) or ckpt
-    if not (ckpt / "hf").is_dir():
+    hf = (ckpt.parent if is_universal(ckpt) else ckpt) / "hf"  # a conversion's config is its checkpoint's
+    if not hf.is_dir():
         raise UserError(
             f"--checkpoint {ckpt}: not a bertscale checkpoint (no hf/ folder); "
-            "pass OUTPUT_DIR/checkpoints/step-N or an output dir"
+            "pass OUTPUT_DIR/checkpoints/step-N (or its universal/ folder) or an output dir"
         )
-    config = AutoConfig.from_pretrained(ckpt / "hf")
+    config = AutoConfig.from_pretrained(hf)
     model_cls = getattr(transformers, config.architectures[0])
     state = consolidated_state_dict(ckpt)
     model = model_cls(config)
@@ -59,7 +65,7 @@ def export(ckpt, output) -> Path:
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(hf).save_pretrained(tmp)
     if output.exists():
         shutil.rmtree(output)
     umask = os.umask(0)

@@ -11,9 +11,9 @@ import torch
 
 from .. import distributed as dist
 from ..errors import UserError
-from .resume import SETUP_WORDS, check_same_setup
+from .resume import check_same_setup
 from .safe_load import safe_load, weights_only_loads
-from .save import engine_setup, read_state
+from .save import SETUP_KEYS, engine_setup, read_state
 
 
 def load(engine, ckpt: Path) -> dict:
@@ -29,7 +29,7 @@ def load(engine, ckpt: Path) -> dict:
         raise UserError(f"{ckpt}: DeepSpeed could not load this checkpoint (files missing?)")
     _replay_cpu_adam_beta_powers(engine)
     _set_rng_state(safe_load(ckpt / f"rng_rank{dist.rank()}.pt"))
-    return {k: v for k, v in state.items() if k not in SETUP_WORDS}
+    return {k: v for k, v in state.items() if k not in SETUP_KEYS}
 
 
 def _replay_cpu_adam_beta_powers(engine) -> None:

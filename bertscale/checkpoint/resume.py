@@ -1,6 +1,9 @@
 """Resume policy: which checkpoint a run continues from, and whether it may.
 
 Decided before anything is built or written, so a refused resume leaves the output dir as it was.
+Another model or task is refused; another number of ranks, ZeRO stage or precision is not: the
+trainer resumes those through a universal checkpoint (universal.py), and `changes` says in words
+what differs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def plan_resume(args, model: str, task_name: str) -> Path | None:
     verdict = None
     if dist.is_main():
         try:
-            verdict = ("resume", _plan_resume(args, model, task_name, dist.world_size()))
+            verdict = ("resume", _plan_resume(args, model, task_name))
         except UserError as e:
             verdict = ("error", str(e))
     kind, value = dist.broadcast_object(verdict)
@@ -28,7 +31,7 @@ def plan_resume(args, model: str, task_name: str) -> Path | None:
     return value
 
 
-def _plan_resume(args, model: str, task_name: str, world_size: int) -> Path | None:
+def _plan_resume(args, model: str, task_name: str) -> Path | None:
     out = Path(args.output_dir)
     explicit = args.resume not in ("auto", "none")
     if args.overwrite_output_dir:
@@ -63,8 +66,7 @@ def _plan_resume(args, model: str, task_name: str, world_size: int) -> Path | No
                 f"{where} ({key} {state[key]!r}, this run {now!r}); use another --output-dir, or "
                 "--overwrite-output-dir to start over"
             )
-    check_same_setup(ckpt, state, {"world_size": world_size})
-    return ckpt
+    return ckpt  # another rank count, ZeRO stage or precision: the trainer resumes through a universal checkpoint
 
 
 def _explicit_checkpoint(path_arg: str) -> Path:
@@ -91,9 +93,20 @@ SETUP_WORDS = {
 }
 
 
+def changes(saved: dict, now: dict) -> list[str]:
+    """What differs between the setup a checkpoint was written with and this run's, in words
+    ("2 ranks -> 1 rank"); empty when a plain resume loads it exactly."""
+    return [
+        f"{words(saved[k])} -> {words(now[k])}"
+        for k, words in SETUP_WORDS.items()
+        if k in saved and k in now and saved[k] != now[k]
+    ]
+
+
 def check_same_setup(ckpt: Path, state: dict, now: dict) -> None:
-    """ZeRO checkpoints hold per-rank partitions in one stage's layout and precision: refuse a
-    resume that DeepSpeed would fail on with a traceback, or would load inexactly."""
+    """ZeRO checkpoints hold per-rank partitions in one stage's layout and precision: the exact load
+    refuses another setup (which DeepSpeed would fail on with a traceback, or load inexactly); the
+    trainer sends those through universal.py instead."""
     for key, words in SETUP_WORDS.items():
         if key in now and key in state and state[key] != now[key]:
             raise UserError(

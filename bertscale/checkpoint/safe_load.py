@@ -5,6 +5,7 @@ elsewhere cannot run code."""
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import re
 
@@ -28,12 +29,16 @@ def safe_load(path, **kwargs):
         with torch.serialization.safe_globals(_deepspeed_pickled_classes()):
             return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise UserError(
-            f"{path}: holds a pickled Python object that bertscale does not load "
-            f"({found.group(1) if found else first_line(e)}); only tensors and DeepSpeed's "
-            "known checkpoint classes are unpickled, so arbitrary code cannot run"
-        ) from None
+        raise _foreign_pickle(path, e) from None
+
+
+def _foreign_pickle(where, e: pickle.UnpicklingError) -> UserError:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    return UserError(
+        f"{where}: holds a pickled Python object that bertscale does not load "
+        f"({found.group(1) if found else first_line(e)}); only tensors and DeepSpeed's "
+        "known checkpoint classes are unpickled, so arbitrary code cannot run"
+    )
 
 
 class _WeightsOnlyLoads:
@@ -60,3 +65,22 @@ def weights_only_loads(engine):
         yield
     finally:
         engine.checkpoint_engine = original
+
+
+@contextlib.contextmanager
+def forced_weights_only(where):
+    """Every torch.load in the block is weights-only, DeepSpeed's own included: its universal converter
+    and loaders call torch.load with weights_only=False, which TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides
+    per call. DeepSpeed's few checkpoint classes are allowed."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_pickled_classes()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise _foreign_pickle(where, e) from None
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before

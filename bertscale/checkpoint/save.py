@@ -1,7 +1,9 @@
 """Saving DeepSpeed checkpoints that survive crashes: atomic saves, pruning, and finding the newest.
 
 Layout: OUTPUT/checkpoints/step-N/ holds DeepSpeed's files for tag step-N, plus
-  trainer_state.json  step, epoch, data position, best metric, model, task, world size, ZeRO stage, precision
+  trainer_state.json  step, epoch, data position in samples, best metric, model, task, world size, ZeRO
+                      stage, precision, global batch
+  universal/          (only after a resume on another setup) its conversion: see universal.py
   rng_rank{R}.pt      python/numpy/torch RNG states of rank R
   hf/                 model config + tokenizer, so export needs nothing but this folder
 A save is written as .tmp-step-N and renamed when every rank has finished, and only then is
@@ -39,10 +41,12 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
     final = ckroot / tag
     full_state = {**state, **engine_setup(engine)}
     if dist.broadcast_object(final.exists()):  # rank 0's view: ranks on other nodes may see the FS late
-        # Saved earlier at this step by this run (e.g. eval save, then end-of-run save): the weights
-        # are the same, only the trainer state (best metric) may have moved on.
+        # Saved earlier at this step (e.g. eval save, then end-of-run save, or the checkpoint this run
+        # resumed from): the weights are the same, only the trainer state (best metric) may have moved
+        # on. The setup stays the one DeepSpeed's files were written with.
         if dist.is_main():
-            write_json_atomic(final / STATE_FILE, full_state)
+            written = {k: v for k, v in read_state(final).items() if k in SETUP_KEYS}
+            write_json_atomic(final / STATE_FILE, {**full_state, **written})
         return final
     tmp_tag = f".tmp-{tag}"
     if dist.is_main():
@@ -68,12 +72,17 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
     return final
 
 
+SETUP_KEYS = ("world_size", "zero_stage", "precision", "global_batch")
+
+
 def engine_setup(engine) -> dict:
+    """How the engine's files are laid out (ranks, stage, precision) and its global batch (samples per step)."""
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     return {
         "world_size": dist.world_size(),
         "zero_stage": int(engine.zero_optimization_stage()),
         "precision": precision,
+        "global_batch": int(engine.train_batch_size()),
     }
 
 
