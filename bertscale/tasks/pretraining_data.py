@@ -20,6 +20,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import tokenizers
+
 from .. import hub
 from ..errors import UserError
 
@@ -273,6 +275,17 @@ def read_documents(
 def load_hub_documents(name: str, config: str | None, text_field: str, streaming: bool = False):
     """The train split of a hub dataset (or a local dataset directory): a list of documents, or
     with `streaming` an IterableDataset of raw records, read lazily."""
+    ds = load_hub_dataset(name, config, text_field, streaming)
+    if streaming:
+        return ds
+    docs = [d for d in (clean_document(t or "") for t in ds[text_field]) if d]
+    if not docs:
+        raise UserError(f"--dataset {name}: {len(ds)} rows, 0 documents with text in {text_field!r}.")
+    return docs
+
+
+def load_hub_dataset(name: str, config: str | None, text_field: str, streaming: bool = False):
+    """The train split of a hub dataset (an IterableDataset with `streaming`), checked for `text_field`."""
     ds = hub.load_split(
         name, config, "train", streaming=streaming, hint="Check the name and --dataset-config, or use --train-files."
     )
@@ -281,12 +294,16 @@ def load_hub_documents(name: str, config: str | None, text_field: str, streaming
             f"--dataset {name}: no {text_field!r} column (columns: {ds.column_names}). "
             f"Name the text column with --text-field."
         )
-    if streaming:
-        return ds
-    docs = [d for d in (clean_document(t or "") for t in ds[text_field]) if d]
-    if not docs:
-        raise UserError(f"--dataset {name}: {len(ds)} rows, 0 documents with text in {text_field!r}.")
-    return docs
+    return ds
+
+
+def iter_hub_documents(ds, text_field: str, batch_size: int = 1000) -> Iterator[str]:
+    """The documents of a loaded hub dataset (streamed or not) in order, read a batch at a time."""
+    for batch in ds.iter(batch_size=batch_size):
+        for text in batch[text_field]:
+            doc = clean_document(text or "")
+            if doc:
+                yield doc
 
 
 def hold_out(documents: list, percentage: float, seed: int) -> tuple[list, list]:
@@ -323,15 +340,7 @@ def tokenize_documents(documents: list[str], tokenizer, max_piece: int) -> list[
     flat = [s for sentences in sentence_lists for s in sentences]
     encoded = []
     for lo in range(0, len(flat), TOKENIZE_BATCH):
-        enc = tokenizer(
-            flat[lo : lo + TOKENIZE_BATCH],
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        for i, ids in enumerate(enc["input_ids"]):
-            encoded.append((ids, _word_starts(enc.word_ids(i))))
+        encoded.extend(_encode(tokenizer, flat[lo : lo + TOKENIZE_BATCH]))
     out, k = [], 0
     for sentences in sentence_lists:
         doc = []
@@ -344,6 +353,18 @@ def tokenize_documents(documents: list[str], tokenizer, max_piece: int) -> list[
         if doc:
             out.append(doc)
     return out
+
+
+def _encode(tokenizer, sentences: list[str]) -> list[tuple[list, list]]:
+    """(token ids, word-start flags) of each sentence, without special tokens. `tokenizer` is a
+    transformers tokenizer or, in the prepare workers (which do not import transformers), the
+    tokenizers.Tokenizer behind a fast one: transformers encodes through it in the same way."""
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        return [(e.ids, _word_starts(e.word_ids)) for e in tokenizer.encode_batch(sentences, add_special_tokens=False)]
+    enc = tokenizer(
+        sentences, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    )
+    return [(ids, _word_starts(enc.word_ids(i))) for i, ids in enumerate(enc["input_ids"])]
 
 
 def _word_starts(word_ids: list[int | None]) -> list[int]:
