@@ -98,6 +98,8 @@ def prepare(
     processes (default: all cores) build the pairs; 1 builds them in this process. With `parts` > 1,
     `part` prepares only its share of the files into the staging directory, and a later call with
     `finalize=True` (the same arguments otherwise) checks that every part is done and publishes.
+    Workers are spawned processes: a script that calls this guards its top level with
+    `if __name__ == "__main__":`, as multiprocessing asks.
     """
     job = plan_job(
         output_dir,
@@ -155,6 +157,8 @@ def plan_job(
         raise UserError(f"--document-separator {document_separator!r}: use one of {', '.join(SEPARATORS)}.")
     if max_seq_length < 8:
         raise UserError(f"--max-seq-length {max_seq_length}: too short for a sentence pair; use at least 8.")
+    if not 0 <= validation_split_percentage < 100:
+        raise UserError(f"--validation-split-percentage {validation_split_percentage}: use 0 (none) up to below 100.")
     if shard_size_mb <= 0:
         raise UserError(f"--shard-size-mb {shard_size_mb}: must be positive (MB of text per shard).")
     if bool(train_files) == bool(dataset):
