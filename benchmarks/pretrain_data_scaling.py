@@ -6,7 +6,8 @@
 For each size it builds a corpus from the text in ../shared/data/corpus (the four Gutenberg books as
 they are, wrappers included, and WikiText-2's articles one per blank-line-separated block, copied
 round-robin into files until the size is reached), then measures:
-  prepare      wall time of `python -m bertscale prepare` (start-up included), MB of text per second
+  prepare      wall time of `python -m bertscale prepare` (start-up included), MB of text per second,
+               and the CPU time of its process tree (steadier than wall time on a shared machine)
   peak memory  the largest sum of PSS over the whole process tree (the command and its workers),
                sampled every 0.2 s; PSS shares each shared page among the processes that map it
   on disk      bytes of the prepared directory
@@ -20,6 +21,7 @@ It prints a table and what 10 GB would take at the largest size's rate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -109,6 +111,15 @@ class TreeMemory:
         self.thread.join(timeout=5)
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of all finished descendants (each waited for by its parent): on a
+    shared machine this grows with the work done, while wall time also grows with the others' load."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_prepare(files: Path, out: Path, model: str, workers: int, seq: int) -> dict:
     cmd = [
         sys.executable,
@@ -128,13 +139,14 @@ def run_prepare(files: Path, out: Path, model: str, workers: int, seq: int) -> d
         "--max-seq-length",
         str(seq),
     ]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     memory = TreeMemory(proc.pid)
     output = proc.communicate()[0]
     seconds = time.perf_counter() - started
+    cpu = children_cpu_seconds() - cpu_before
     memory.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{output}")
@@ -142,6 +154,7 @@ def run_prepare(files: Path, out: Path, model: str, workers: int, seq: int) -> d
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "peak_pss": memory.peak_total,
         "disk": disk,
         "shards": manifest["totals"]["shards"],
@@ -275,34 +288,34 @@ def main(argv=None):
         f"\nprepare with {args.workers} workers, --model {args.model}, seq {args.max_seq_length}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
     )
-    header = (
-        f"{'text MB':>8} {'prepare s':>10} {'MB/s':>6} {'peak PSS MB':>12} {'disk MB':>8} {'shards':>7} {'pairs':>9}"
-    )
+    header = f"{'text MB':>8} {'prepare s':>10} {'MB/s':>6} {'CPU s':>7} {'MB/CPU-s':>9} {'peak PSS MB':>12} "
+    header += f"{'disk MB':>8} {'shards':>7} {'pairs':>9}"
     if not args.no_train:
         header += f" {'first step s':>13} {'rank PSS MB':>12} {'sum MB':>7} {'shards RSS/PSS MB':>18}"
     print(header)
     for r in results:
-        line = (
-            f"{r['mb']:>8.1f} {r['seconds']:>10.1f} {r['mb'] / r['seconds']:>6.2f} {r['peak_pss'] / MB:>12.0f} "
-            f"{r['disk'] / MB:>8.1f} {r['shards']:>7} {r['pairs']:>9}"
-        )
+        line = f"{r['mb']:>8.1f} {r['seconds']:>10.1f} {r['mb'] / r['seconds']:>6.2f} {r['cpu_seconds']:>7.0f} "
+        line += f"{r['mb'] / r['cpu_seconds']:>9.2f} {r['peak_pss'] / MB:>12.0f} {r['disk'] / MB:>8.1f} "
+        line += f"{r['shards']:>7} {r['pairs']:>9}"
         if "first_step_s" in r:
             ranks = "+".join(f"{p / MB:.0f}" for p in r["rank_pss"])
             shards = "+".join(f"{a / MB:.0f}/{b / MB:.0f}" for a, b in zip(r["shards_rss"], r["shards_pss"]))
             line += f" {r['first_step_s']:>13.1f} {ranks:>12} {r['ranks_sum'] / MB:>7.0f} {shards:>18}"
         print(line)
-    if len(results) > 1:
-        small, big = results[0], results[-1]
+    print()
+    for small, big in itertools.pairwise(results):
         print(
-            f"\ntime {big['mb']:.0f} MB / {small['mb']:.0f} MB: {big['seconds'] / small['seconds']:.2f}x for "
-            f"{big['mb'] / small['mb']:.0f}x the text; peak memory {big['peak_pss'] / small['peak_pss']:.2f}x"
+            f"{big['mb']:.0f} MB vs {small['mb']:.0f} MB ({big['mb'] / small['mb']:.0f}x the text): wall time "
+            f"{big['seconds'] / small['seconds']:.2f}x, CPU time {big['cpu_seconds'] / small['cpu_seconds']:.2f}x"
         )
-    big = results[-1]
-    rate = big["mb"] / big["seconds"]
+    first, big = results[0], results[-1]
+    print(f"peak memory {big['mb']:.0f} MB vs {first['mb']:.0f} MB: {big['peak_pss'] / first['peak_pss']:.2f}x")
+    rate, cpu_rate = big["mb"] / big["seconds"], big["mb"] / big["cpu_seconds"]
     print(
-        f"10 GB at {rate:.2f} MB/s: {10240 / rate / 3600:.1f} h with {args.workers} workers "
-        f"({10240 / rate / 3600 * args.workers:.0f} core-hours), about {big['disk'] / big['mb'] * 10240 / 2**30:.1f} GB on disk, "
-        f"peak memory as at {big['mb']:.0f} MB ({big['peak_pss'] / MB:.0f} MB: it does not grow with the corpus)"
+        f"10 GB: {10240 / rate / 3600:.1f} h at this run's {rate:.2f} MB/s with {args.workers} workers; "
+        f"{10240 / cpu_rate / 3600:.1f} CPU-hours (/ cores for a quiet machine), "
+        f"{big['disk'] / big['mb'] * 10240 / 2**30:.1f} GB on disk, peak memory as at {big['mb']:.0f} MB "
+        f"({big['peak_pss'] / MB:.0f} MB)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

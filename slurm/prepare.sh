@@ -2,7 +2,8 @@
 # Prepare a pretraining corpus on Slurm, once, on many nodes: each task of this array job prepares a
 # disjoint set of the files (balanced by size), and a job that starts when all of them have succeeded
 # writes the manifest and publishes the directory. Submit from the repo root:
-#   TRAIN_FILES='corpus/**/*.txt' OUTPUT_DIR=data/corpus-bert MODEL=bert-base-uncased sbatch --array=0-7 slurm/prepare.sh
+#   TRAIN_FILES='corpus/**/*.txt' OUTPUT_DIR=data/corpus-bert MODEL=bert-base-uncased \
+#       sbatch --array=0-7 slurm/prepare.sh
 #   EXTRA_ARGS="--max-seq-length 512 --short-seq-prob 0.1" ...   # any other `bertscale prepare` flags
 # The same inputs give the same shards for any number of array tasks. A failed or preempted task
 # can run again (parts already done are skipped); until the last step has run, OUTPUT_DIR does not
@@ -58,7 +59,7 @@ if [ "$part" -eq 0 ] && [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then
     say "array job $SLURM_ARRAY_JOB_ID: job $finalize publishes $OUTPUT_DIR when all $parts tasks have succeeded"
 fi
 
-say "array job $SLURM_ARRAY_JOB_ID task $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}): part $part of $parts" \
-    "on $(hostname), ${SLURM_CPUS_PER_TASK:-1} workers"
+say "array job $SLURM_ARRAY_JOB_ID task $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}):" \
+    "part $part of $parts on $(hostname), ${SLURM_CPUS_PER_TASK:-1} workers"
 exec "$PYTHON" -u -m bertscale "${args[@]}" --part "$part" --parts "$parts" \
     --preprocessing-workers "${SLURM_CPUS_PER_TASK:-1}"
