@@ -148,6 +148,24 @@ class Task:
     def save_extra(self, model_dir: Path) -> None:
         """Hook to save anything besides model and tokenizer into an exported model dir."""
 
+    # --- prepare ---------------------------------------------------------------------------------
+    def prepare(
+        self,
+        output_dir: Path,
+        *,
+        workers: int,
+        overwrite: bool = False,
+        part: int | None = None,
+        parts: int = 1,
+        finalize: bool = False,
+    ) -> dict | None:
+        """`bertscale prepare`: make the task's data once into `output_dir` (whole, or not at all) with
+        `workers` processes, for training runs to read without preparing it again. With `parts` > 1
+        (a Slurm array) make only share `part`, and publish all of them with `finalize`. Returns a
+        description of what was made (None for one part of several). A task that prepares overrides
+        this; `bertscale prepare --task` offers the tasks that do."""
+        raise UserError(f"--task {self.name} has nothing to prepare: it reads its data when it trains.")
+
     # --- predict -------------------------------------------------------------------------------
     @classmethod
     def predict(cls, model_dir: str, inputs, max_seq_length: int) -> str:

@@ -9,6 +9,7 @@ one run (and of runs with different batch sizes or world sizes) are comparable.
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,33 +24,43 @@ from .masking import IGNORE_INDEX, MaskingCollator
 from .pretraining_data import build_pairs, clean_document, hold_out, load_hub_documents, read_documents, streamed_pairs
 
 STREAM_EVAL_PER_MILLE = 10  # a stream has no length: --validation-split-percentage 5 holds out its first 50 docs
+PAIRS = ("pretrain", "prepare")  # flags that decide the pairs: `bertscale prepare` takes them too
 
 
 @dataclass
 class PretrainArgs:
     train_files: tuple = opt(
-        (), "Pretrain: text globs (.txt, .txt.gz, .jsonl); repeat the flag for more.", commands=PRETRAIN, multiple=True
+        (),
+        "Pretrain: text globs (.txt, .txt.gz, .jsonl); repeat the flag for more.",
+        commands=PAIRS,
+        multiple=True,
     )
     eval_files: tuple = opt(
-        (), "Pretrain: held-out text globs (else a split of the training docs).", commands=PRETRAIN, multiple=True
+        (), "Pretrain: held-out text globs (else a split of the training docs).", commands=PAIRS, multiple=True
     )
-    validation_split_percentage: float = opt(5.0, "Pretrain: percent of documents held out.", commands=PRETRAIN)
+    validation_split_percentage: float = opt(5.0, "Pretrain: percent of documents held out.", commands=PAIRS)
     document_separator: str = opt(
         "blank-line",
-        "Pretrain: how documents are split in .txt files: "
-        "blank-line, file (one document per file), or heading (WikiText ' = T = ').",
-        commands=PRETRAIN,
+        "Pretrain: how documents are split in .txt files: blank-line, file (one document per file, and "
+        "per book in a file of concatenated Project Gutenberg books), or heading (WikiText ' = T = '). "
+        "Gutenberg licence headers and footers are dropped.",
+        commands=PAIRS,
     )
-    text_field: str = opt(
-        "text", "Pretrain: field holding the text in .jsonl files and hub datasets.", commands=PRETRAIN
+    text_field: str = opt("text", "Pretrain: field holding the text in .jsonl files and hub datasets.", commands=PAIRS)
+    streaming: bool = opt(False, "Pretrain: stream a hub dataset instead of downloading it whole.", commands=PAIRS)
+    short_seq_prob: float = opt(0.1, "Pretrain: share of pairs built shorter than max length.", commands=PAIRS)
+    shard_size_mb: float = opt(
+        4.0, "Prepare: MB of text per shard (what one worker holds at a time).", commands=("prepare",)
     )
-    streaming: bool = opt(False, "Pretrain: stream a hub dataset instead of downloading it whole.", commands=PRETRAIN)
-    short_seq_prob: float = opt(0.1, "Pretrain: share of pairs built shorter than max length.", commands=PRETRAIN)
     mlm_probability: float = opt(0.15, "Pretrain: share of tokens masked.", commands=PRETRAIN)
     whole_word_masking: bool = opt(True, "Pretrain: mask all WordPieces of a word together.", commands=PRETRAIN)
     max_predictions_per_seq: int = opt(
         20, "Pretrain: cap on masked tokens per sequence (80 for seq 512).", commands=PRETRAIN
     )
+
+
+def log_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @register
@@ -83,6 +94,31 @@ class PretrainingTask(Task):
         # Missing MLM/NSP heads are created and the decoder tied to the embeddings, as from_pretrained
         # does for BertForPreTraining; the MLM head scores only masked positions.
         return BertForPreTrainingOnMasked
+
+    # --- prepare -------------------------------------------------------------------------------
+    def prepare(self, output_dir, *, workers, overwrite=False, part=None, parts=1, finalize=False):
+        from .pretraining_prepare import prepare
+
+        settings = dict(workers=workers, overwrite=overwrite, part=part, parts=parts, finalize=finalize)
+        return prepare(output_dir, self.tokenizer, log=log_line, **settings, **self._corpus_flags())
+
+    def _corpus_flags(self) -> dict:
+        """What decides the pairs, as prepare() takes it."""
+        args, data = self.args, self.data
+        return dict(
+            train_files=args.train_files,
+            eval_files=args.eval_files,
+            dataset=data.dataset,
+            dataset_config=data.dataset_config,
+            streaming=args.streaming,
+            max_seq_length=self.max_seq_length,
+            short_seq_prob=args.short_seq_prob,
+            seed=self.seed,
+            document_separator=args.document_separator,
+            text_field=args.text_field,
+            validation_split_percentage=args.validation_split_percentage,
+            shard_size_mb=args.shard_size_mb,
+        )
 
     # --- data --------------------------------------------------------------------------------
     def train_features(self):
