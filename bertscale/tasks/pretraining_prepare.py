@@ -153,16 +153,7 @@ def plan_job(
     log=print,
 ) -> Job:
     """Resolve the inputs (globs, tokenizer, hub dataset), plan the units and fingerprint it all."""
-    if document_separator not in SEPARATORS:
-        raise UserError(f"--document-separator {document_separator!r}: use one of {', '.join(SEPARATORS)}.")
-    if max_seq_length < 8:
-        raise UserError(f"--max-seq-length {max_seq_length}: too short for a sentence pair; use at least 8.")
-    if not 0 <= validation_split_percentage < 100:
-        raise UserError(f"--validation-split-percentage {validation_split_percentage}: use 0 (none) up to below 100.")
-    if shard_size_mb <= 0:
-        raise UserError(f"--shard-size-mb {shard_size_mb}: must be positive (MB of text per shard).")
-    if bool(train_files) == bool(dataset):
-        raise UserError("prepare needs text: pass --train-files 'corpus/*.txt' or --dataset NAME (one of them).")
+    check_settings(train_files, dataset, max_seq_length, document_separator, validation_split_percentage, shard_size_mb)
     name = tokenizer if isinstance(tokenizer, str) else None
     if name is not None:
         from ..models import load_tokenizer
@@ -214,6 +205,22 @@ def plan_job(
         eval_files=bool(eval_files),
         log=log,
     )
+
+
+def check_settings(train_files, dataset, max_seq_length, separator, held_out_percentage, shard_size_mb) -> None:
+    """Refuse settings that cannot make a corpus, before anything is read."""
+    if train_files and dataset:
+        raise UserError("--train-files and --dataset: give one source of text, not both.")
+    if not train_files and not dataset:
+        raise UserError("pretraining needs text: pass --train-files 'corpus/*.txt' or --dataset NAME.")
+    if separator not in SEPARATORS:
+        raise UserError(f"--document-separator {separator!r}: use one of {', '.join(SEPARATORS)}.")
+    if max_seq_length < 8:
+        raise UserError(f"--max-seq-length {max_seq_length}: too short for a sentence pair; use at least 8.")
+    if not 0 <= held_out_percentage < 100:
+        raise UserError(f"--validation-split-percentage {held_out_percentage}: use 0 (none) up to below 100.")
+    if shard_size_mb <= 0:
+        raise UserError(f"--shard-size-mb {shard_size_mb}: must be positive (MB of text per shard).")
 
 
 def _files_text(files: list[Path]) -> str:
@@ -301,6 +308,9 @@ def run_pieces(job: Job, units: list[Unit], staging: Path, workers: int) -> list
         (staging / split).mkdir(parents=True, exist_ok=True)
     recipe = _recipe(job, staging)
     pieces = (piece for unit in units for piece in unit_pieces(job, unit))
+    shard_chars = job.settings["shard_size_mb"] * 2**20
+    expected = sum(math.ceil(u.bytes / shard_chars) if u.bytes else workers for u in units)
+    workers = max(1, min(workers, expected))  # a pool takes a second to start: none for one shard
     progress = _Progress(job)
     if workers == 1:
         init_worker(recipe, in_pool=False)

@@ -7,6 +7,7 @@ shared by all ranks on a node, and nothing is tokenised at training time.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -14,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..args import flag_name
 from ..errors import UserError
 from . import pretraining_manifest as mf
 from .pretraining_prepare import _marker, plan_job, prepare
 
-CACHE_ENV = "BERTSCALE_CACHE"  # root of the prepared-corpus cache (default ~/.cache/bertscale)
+CACHE_ENV = "BERTSCALE_PREPARED_CACHE"  # what --prepared-cache reads too; default ~/.cache/bertscale
+WAIT_LOG_EVERY_S = 300.0  # a rank waiting for the others' parts says so this often
+# Flags that decide the pairs: with --prepared-data they were decided when it was prepared.
+PAIR_FLAGS = ("short_seq_prob", "document_separator", "text_field", "validation_split_percentage")
+OTHER_TEXT_FLAGS = ("train_files", "dataset", "dataset_config", "streaming", "prepared_cache")
 
 
 @dataclass
@@ -27,15 +33,18 @@ class PreparedCorpus:
     manifest: dict
     train: object  # datasets.Dataset of training pairs, memory-mapped
     eval: object | None  # datasets.Dataset of evaluation pairs (unmasked), shards interleaved; None if none
+    flag: str = "--prepared-data"  # how the run named it: --prepared-data, or --prepared-cache for --train-files
 
     @property
     def summary(self) -> str:
-        """For messages, as the in-memory path's '--train-files ...: N files, M documents with text'."""
-        t = self.manifest["totals"]
-        return (
-            f"--prepared-data {self.directory}: {t['documents']} documents with text in {t['shards']} "
-            f"shard{'s' * (t['shards'] != 1)}"
-        )
+        """For messages: '--train-files ...: N files, M documents with text', as the files were named."""
+        t, files = self.manifest["totals"], self.manifest["source"].get("train_files")
+        if self.flag == "--prepared-data" or not files:
+            head = f"{self.flag} {self.directory}: {t['shards']} shard{'s' * (t['shards'] != 1)}"
+        else:
+            patterns = " ".join(repr(p) for p in files["patterns"])
+            head = f"--train-files {patterns}: {files['count']} file{'s' * (files['count'] != 1)}"
+        return f"{head}, {t['documents']} document{'s' * (t['documents'] != 1)} with text"
 
 
 def load_prepared(directory, tokenizer, max_seq_length: int, flag: str = "--prepared-data") -> PreparedCorpus:
@@ -58,7 +67,47 @@ def load_prepared(directory, tokenizer, max_seq_length: int, flag: str = "--prep
             eval_pairs = eval_pairs.select(
                 interleaved_order([s["eval"]["rows"] for s in manifest["shards"] if s["eval"]])
             )
-    return PreparedCorpus(directory, manifest, train, eval_pairs)
+    return PreparedCorpus(directory, manifest, train, eval_pairs, flag)
+
+
+def check_flags(directory, args, data) -> dict:
+    """The manifest of --prepared-data, after refusing the flags it makes meaningless (`args`: the
+    pretraining flags, `data`: the data flags): another source of text, other evaluation files, or
+    other pair settings than it was prepared with. A flag left at its default is not refused."""
+    directory = Path(directory).expanduser().absolute()
+    where, given = f"--prepared-data {directory}", _given(args) | _given(data)
+    other = [flag_name(f) for f in OTHER_TEXT_FLAGS if f in given]
+    if other:
+        raise UserError(
+            f"{where} is this run's training text; {' and '.join(other)} would be another. Leave "
+            f"{'them' if len(other) > 1 else 'it'} out, or leave out --prepared-data to train from "
+            f"{'them' if len(other) > 1 else 'it'}."
+        )
+    manifest = mf.read_manifest(directory)
+    if "eval_files" in given:
+        made_from = "its --eval-files" if "eval_files" in manifest["source"] else "documents held out of its text"
+        raise UserError(
+            f"{where} holds its own {manifest['totals']['eval_rows']} evaluation pairs (from {made_from}); "
+            f"--eval-files cannot replace them. Prepare the corpus with these --eval-files, or leave the flag out."
+        )
+    made = manifest["settings"]
+    differ = [f for f in PAIR_FLAGS if f in given and getattr(args, f) != made[f]]
+    if differ:
+        raise UserError(
+            f"{where} was prepared with {', '.join(f'{flag_name(f)} {made[f]}' for f in differ)}; this run's "
+            f"{', '.join(f'{flag_name(f)} {getattr(args, f)}' for f in differ)} cannot change its pairs. "
+            f"Leave the flag out, or prepare the corpus again with it."
+        )
+    return manifest
+
+
+def _given(flags) -> set[str]:
+    """Names of the fields of a flags dataclass whose values differ from their defaults."""
+    return {
+        f.name
+        for f in dataclasses.fields(flags)
+        if getattr(flags, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    }
 
 
 def _memory_mapped(files: list[Path]):
@@ -109,7 +158,8 @@ def masked_eval_features(eval_pairs, collator, seed: int, max_eval_samples: int 
 # --- the cache of `pretrain --train-files` ------------------------------------------------------
 def prepared_cache_dir(fingerprint: str, cache_root=None) -> Path:
     """Where the corpus with this fingerprint is cached: CACHE_ROOT/pretraining/FINGERPRINT. The
-    root ($BERTSCALE_CACHE, else ~/.cache/bertscale) must be one that every node sees."""
+    root (--prepared-cache or $BERTSCALE_PREPARED_CACHE, else ~/.cache/bertscale) must be one that
+    every node sees."""
     root = Path(cache_root or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bertscale").expanduser()
     return root.absolute() / "pretraining" / fingerprint
 
@@ -132,9 +182,12 @@ def prepare_or_reuse(
     (with `workers` processes of its own) and rank 0 publishes when all parts are done; otherwise
     rank 0 prepares it all. Every rank returns once the corpus is published. The other ranks wait
     by watching files, not in a collective, so no timeout runs out however long preparing takes,
-    and a rank that fails leaves a note that stops the others with its message.
+    and a rank that fails prints its error and leaves a note that stops the others.
     """
-    job = plan_job(Path(cache_root or "."), tokenizer, log=log, **corpus)  # resolves inputs, fingerprints them
+    try:
+        job = plan_job(Path(cache_root or "."), tokenizer, log=log, **corpus)  # resolves inputs, fingerprints them
+    except UserError as e:
+        raise UserError(str(e), echo=rank == 0) from None  # every rank meets it: rank 0 says it
     directory = prepared_cache_dir(job.fingerprint, cache_root)
     if (directory / mf.MANIFEST).is_file():
         return directory
@@ -144,6 +197,7 @@ def prepare_or_reuse(
     since = time.time()
     failed = job.staging / "parts" / f"failed-{rank:04d}"
     failed.unlink(missing_ok=True)
+    published = (directory / mf.MANIFEST).is_file
     try:
         if parts == 1 and rank == 0:
             prepare(directory, job.tokenizer, workers=workers, log=log, **corpus)
@@ -151,22 +205,31 @@ def prepare_or_reuse(
             prepare(directory, job.tokenizer, workers=workers, part=rank, parts=parts, log=log, **corpus)
             if rank == 0:
                 markers = [_marker(job.staging, p, parts) for p in range(parts)]
-                _wait(
-                    lambda: all(m.exists() for m in markers) or (directory / mf.MANIFEST).is_file(), job, since, poll_s
-                )
+                missing = lambda: [] if published() else [f"part {p}" for p, m in enumerate(markers) if not m.exists()]
+                _wait(missing, job, since, poll_s, log)
                 prepare(directory, job.tokenizer, parts=parts, finalize=True, log=log, **corpus)
     except BaseException as e:
         failed.parent.mkdir(parents=True, exist_ok=True)
         failed.write_text(str(e) or type(e).__name__)
         raise
-    _wait(lambda: (directory / mf.MANIFEST).is_file(), job, since, poll_s)
+    _wait(lambda: [] if published() else [mf.MANIFEST], job, since, poll_s, log)
     return directory
 
 
-def _wait(ready, job, since: float, poll_s: float) -> None:
-    """Poll until ready(); stop with an error when another rank reports a failure of this attempt."""
-    while not ready():
+def _wait(missing, job, since: float, poll_s: float, log) -> None:
+    """Poll until missing() is empty; stop with an error when another rank reports a failure of this
+    attempt. A long wait is logged now and then, with what it waits for: ranks on other nodes that
+    cannot see this directory would otherwise leave it waiting without a word."""
+    last_log = time.monotonic()
+    while waiting := missing():
         failures = [f for f in (job.staging / "parts").glob("failed-*") if f.stat().st_mtime >= since - 1]
         if failures:
+            # echo=False: the rank that failed printed its error
             raise UserError(f"preparing {job.summary} failed on another rank: {failures[0].read_text()}", echo=False)
+        if time.monotonic() - last_log >= WAIT_LOG_EVERY_S:
+            last_log = time.monotonic()
+            log(
+                f"[bertscale] still waiting for {', '.join(waiting)} of {job.output} (written by the other ranks; "
+                f"with several nodes the cache must be a directory all of them see: --prepared-cache)"
+            )
         time.sleep(poll_s)
