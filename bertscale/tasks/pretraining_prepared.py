@@ -24,7 +24,7 @@ CACHE_ENV = "BERTSCALE_PREPARED_CACHE"  # what --prepared-cache reads too; defau
 WAIT_LOG_EVERY_S = 300.0  # a rank waiting for the others' parts says so this often
 # Flags that decide the pairs: with --prepared-data they were decided when it was prepared.
 PAIR_FLAGS = ("short_seq_prob", "document_separator", "text_field", "validation_split_percentage")
-OTHER_TEXT_FLAGS = ("train_files", "dataset", "dataset_config", "streaming", "prepared_cache")
+OTHER_TEXT_FLAGS = ("train_files", "dataset", "dataset_config", "streaming")
 
 
 @dataclass
