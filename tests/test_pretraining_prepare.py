@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, ROOT, cpu_env
 
+from bertscale import tasks
 from bertscale.errors import UserError
 from bertscale.models import load_tokenizer
 from bertscale.tasks import pretraining_data as data
@@ -26,6 +26,8 @@ from bertscale.tasks.pretraining_prepared import (
     prepare_or_reuse,
     prepared_cache_dir,
 )
+
+from conftest import DATA, ROOT, cpu_env
 
 CORPUS = DATA / "corpus"
 WIKI = str(CORPUS / "wikitext-2-raw" / "wiki.test.raw")
@@ -251,17 +253,16 @@ def test_killed_prepare_leaves_nothing_a_run_trusts(tmp_path, tokenizer):
     assert len(load_prepared(out, tokenizer, 128).train) == manifest["totals"]["train_rows"]
 
 
-# --- the cache of pretrain --train-files, and the CLI -------------------------------------------
-def test_cache_is_keyed_by_fingerprint_and_prepared_once_across_ranks(tmp_path, tokenizer):
-    corpus = {"train_files": [WIKI, *BOOKS[:2]], "shard_size_mb": 0.5, "seed": 3}
-    cache = tmp_path / "cache"
+# --- the cache of pretrain --train-files --------------------------------------------------------
+def run_ranks(cache: Path, corpus: dict, ranks: int = 2) -> list[subprocess.CompletedProcess]:
+    """prepare_or_reuse in `ranks` processes at once, as the ranks of a training run call it."""
     script = (
         "import sys\nfrom bertscale.tasks.pretraining_prepared import prepare_or_reuse\n"
         "if __name__ == '__main__':\n"
-        f"    print(prepare_or_reuse('tiny', cache_root={str(cache)!r}, rank=int(sys.argv[1]), world_size=2, "
+        f"    print(prepare_or_reuse('tiny', cache_root={str(cache)!r}, rank=int(sys.argv[1]), world_size={ranks}, "
         f"workers=1, poll_s=0.2, **{corpus!r}))\n"
     )
-    ranks = [
+    procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(r)],
             cwd=ROOT,
@@ -270,13 +271,19 @@ def test_cache_is_keyed_by_fingerprint_and_prepared_once_across_ranks(tmp_path, 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        for r in (0, 1)
+        for r in range(ranks)
     ]
-    outputs = [r.communicate(timeout=300) for r in ranks]
-    assert [r.returncode for r in ranks] == [0, 0], outputs
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+def test_cache_is_keyed_by_fingerprint_and_prepared_once_across_ranks(tmp_path, tokenizer):
+    corpus = {"train_files": [WIKI, *BOOKS[:2]], "shard_size_mb": 0.5, "seed": 3}
+    cache = tmp_path / "cache"
+    done = run_ranks(cache, corpus)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr for r in done]
     expected = prepared_cache_dir(plan_job(tmp_path, tokenizer, **corpus).fingerprint, cache)
-    assert [o[0].strip().splitlines()[-1] for o in outputs] == [str(expected)] * 2
-    assert "part 0 of 2" in outputs[0][0] and "part 1 of 2" in outputs[1][0]
+    assert [r.stdout.strip().splitlines()[-1] for r in done] == [str(expected)] * 2
+    assert "part 0 of 2" in done[0].stdout and "part 1 of 2" in done[1].stdout
     # The same shards as one process preparing everything; the next run reuses them without work.
     _, whole = prepared(tmp_path, tokenizer, **corpus)
     cached = json.loads((expected / "manifest.json").read_text())
@@ -296,41 +303,121 @@ def test_cache_is_keyed_by_fingerprint_and_prepared_once_across_ranks(tmp_path, 
     assert len(fingerprints) == 5
 
 
-def test_cli_prepare(tmp_path):
+def test_a_rank_that_fails_names_the_file_and_stops_the_others(tmp_path):
+    (tmp_path / "a.txt").write_text("A first document. It has two sentences.\n\nAnother one here.\n" * 3000)
+    (tmp_path / "b.txt").write_bytes("Un caf\xe9 noir.\n".encode("latin-1") * 200)
+    cache = tmp_path / "cache"
+    done = run_ranks(cache, {"train_files": [str(tmp_path / "*.txt")], "shard_size_mb": 0.1})
+    assert [r.returncode for r in done] == [1, 1]
+    own, relayed = sorted((r.stderr.strip().splitlines()[-1] for r in done), key=lambda e: "another rank" in e)
+    assert "b.txt: not UTF-8 text (line 1, byte 6)" in own and "another rank" not in own, own
+    assert "failed on another rank: " in relayed and "b.txt: not UTF-8 text" in relayed, relayed
+    assert not list(cache.glob("pretraining/*/manifest.json"))
+
+
+def pretrain_task(tokenizer, **flags):
+    return tasks.build(tasks.make_run("pretrain", model="tiny", **flags), tokenizer)
+
+
+def test_pretrain_trains_from_the_cache_of_its_train_files(tmp_path, tokenizer):
+    flags = dict(train_files=(BOOKS[0],), max_seq_length=64, prepared_cache=str(tmp_path), seed=4)
+    task = pretrain_task(tokenizer, **flags, max_train_samples=100, max_eval_samples=30)
+    note = task.prepare_train_data(0, 1)
+    assert note.startswith(f"pretrain: training on --train-files as prepared in {tmp_path}/pretraining/")
+    train, eval_set = task.train_features(), task.eval_set()
+    assert len(train) == 100 and len(eval_set.features) == 30
+    docs, _ = data.read_documents([BOOKS[0]], "blank-line", "text")
+    train_docs, held_docs = data.hold_out(docs, 5, seed=4)
+    assert train[:] == {k: v[:100] for k, v in data.build_pairs(train_docs, tokenizer, 64, 0.1, seed=4).items()}
+    assert task.describe_train_data(100).startswith(
+        f"--train-files {BOOKS[0]!r}: 1 file, {len(docs)} documents with text ({len(held_docs)} held out"
+    )
+    again = pretrain_task(tokenizer, **flags)  # a requeued run: the same directory, nothing prepared again
+    started = time.monotonic()
+    assert again.prepare_train_data(0, 1) == note and time.monotonic() - started < 5
+
+
+def test_pretrain_from_prepared_data_and_the_flags_it_refuses(tmp_path, tokenizer):
+    out, manifest = prepared(tmp_path, tokenizer, train_files=[BOOKS[0]], max_seq_length=64, seed=9, short_seq_prob=0.2)
+    task = pretrain_task(tokenizer, prepared_data=str(out))
+    note = task.prepare_train_data(0, 1)
+    assert note.startswith(f"pretrain: training on --prepared-data {out} (made {manifest['created']};")
+    assert "pairs were made with --seed 9, this run's --seed 42 orders and masks them" in note
+    assert task.max_seq_length == 64 and len(task.train_features()) == manifest["totals"]["train_rows"]
+    assert task.describe_train_data(5).startswith(f"--prepared-data {out}: 1 shard, ")
+    same = dict(prepared_data=str(out), short_seq_prob=0.2, validation_split_percentage=5.0, max_seq_length=64)
+    assert pretrain_task(tokenizer, **same).prepare_train_data(1, 2) is not None  # the values it was made with
+    refused = {
+        "--train-files would be another": dict(train_files=(BOOKS[1],)),
+        "--dataset and --streaming would be another": dict(dataset="x", streaming=True),
+        r"holds its own \d+ evaluation pairs \(from documents held out of its text\); --eval-files": dict(
+            eval_files=(BOOKS[1],)
+        ),
+        "prepared with --short-seq-prob 0.2, --document-separator blank-line; this run's --short-seq-prob 0.3, "
+        "--document-separator file cannot change its pairs": dict(short_seq_prob=0.3, document_separator="file"),
+    }
+    for message, flags in refused.items():
+        with pytest.raises(UserError, match=message) as e:
+            pretrain_task(tokenizer, prepared_data=str(out), **flags).prepare_train_data(1, 2)
+        assert not e.value.echo  # every rank meets it: only the first says it
+    with pytest.raises(UserError, match="prepared with --max-seq-length 64, but this run uses 128"):
+        pretrain_task(tokenizer, prepared_data=str(out), max_seq_length=128).train_features()
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+def test_cli_prepare(tmp_path, tokenizer):
     out = tmp_path / "prepared"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bertscale",
-        "prepare",
-        "--task",
-        "pretrain",
-        "--model",
-        "tiny",
-        "--train-files",
-        BOOKS[0],
-        "--output-dir",
-        str(out),
-        "--preprocessing-workers",
-        "1",
-        "--max-seq-length",
-        "64",
-    ]
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "bertscale", "prepare", "--task", "pretrain", "--model", "tiny"]
+    flags = ["--train-files", BOOKS[0], "--output-dir", str(out), "--preprocessing-workers", "1"]
+    done = subprocess.run(
+        [*cmd, *flags, "--max-seq-length", "64"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert f"prepared {out}: 1470 documents (74 held out)" in done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["settings"]["max_seq_length"] == 64 and manifest["tokenizer"]["name"] == "tiny"
+    assert manifest["settings"]["max_seq_length"] == 64 and manifest["tokenizer"]["vocab_size"] == len(tokenizer)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe")
+    # --task left out: pretrain is the one task that prepares
     done = subprocess.run(
-        [*cmd[:9], str(bad), "--output-dir", str(tmp_path / "x")],
-        check=False,
+        [*cmd[:4], "--model", "tiny", "--train-files", str(bad), "--output-dir", str(tmp_path / "x")],
         cwd=ROOT,
         env=cpu_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert done.returncode == 2 and "bad.txt: not UTF-8 text" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"bertscale: error: {bad}: not UTF-8 text (line 1, byte 0). "
+        "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or leave it out."
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_from_prepared_data(tmp_path, tokenizer):
+    from conftest import bertscale, read_metrics, train_rows
+
+    prepared_dir, _ = prepared(
+        tmp_path,
+        tokenizer,
+        train_files=[WIKI],
+        document_separator="heading",
+        max_seq_length=64,
+        shard_size_mb=0.3,
+        workers=2,
+    )
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "tiny", "--prepared-data", str(prepared_dir), "--micro-batch-size", "16"]
+    args += ["--max-steps", "30", "--learning-rate", "2e-3", "--warmup-ratio", "0.05", "--log-every", "5"]
+    args += ["--eval-on-start", "--max-eval-samples", "256", "--wandb-mode", "disabled", "--output-dir", str(out)]
+    proc = bertscale(args)  # --max-seq-length left out: the prepared corpus's 64
+    assert proc.stderr.count(f"[bertscale] pretrain: training on --prepared-data {prepared_dir}") == 1
+    rows = train_rows(out)
+    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 1.0
+    evals = [r for r in read_metrics(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 30] and evals[-1]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"] - 1.0
+    config = json.loads((out / "run_config.json").read_text())["run"]
+    assert config["prepared_data"] == str(prepared_dir) and config["max_seq_length"] is None

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, ROOT, cpu_env
-from slurm_cluster import SlurmCluster, ensure_slurm_installed
 
 from bertscale.models import load_tokenizer
 from bertscale.tasks.pretraining_prepare import prepare
 from bertscale.tasks.pretraining_prepared import load_prepared
+
+from conftest import DATA, ROOT, cpu_env
+from slurm_cluster import SlurmCluster, ensure_slurm_installed
 
 pytestmark = pytest.mark.slurm
 
