@@ -194,6 +194,8 @@ def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5)
         str(29500 + os.getpid() % 1000),
         "bertscale/cli.py",
         "pretrain",
+        "--prepared-data",
+        str(prepared),
         "--model",
         model,
         "--max-seq-length",
@@ -216,7 +218,7 @@ def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5)
         str(out),
         "--overwrite-output-dir",
     ]
-    env = {**os.environ, **ENV, "BERTSCALE_PREPARED_DATA": str(prepared)}
+    env = {**os.environ, **ENV}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     memory = TreeMemory(proc.pid)
