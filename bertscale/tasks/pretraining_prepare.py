@@ -402,13 +402,14 @@ def _prepare_all(job: Job, workers: int, overwrite: bool) -> dict:
         raise
 
 
-def _marker(staging: Path, part: int, parts: int) -> Path:
+def part_marker(staging: Path, part: int, parts: int) -> Path:
+    """The file that says part `part` of `parts` is done (written last, with its shards listed)."""
     return staging / "parts" / f"{part:04d}-of-{parts:04d}.json"
 
 
 def _prepare_part(job: Job, part: int, parts: int, workers: int) -> None:
     """Prepare this part's units into the shared staging directory; a marker file says it is done."""
-    marker = _marker(job.staging, part, parts)
+    marker = part_marker(job.staging, part, parts)
     if marker.exists():
         job.log(f"[bertscale] prepare part {part} of {parts}: already done ({marker})")
         return
@@ -435,7 +436,7 @@ def _prepare_part(job: Job, part: int, parts: int, workers: int) -> None:
 def _finalize_parts(job: Job, parts: int, overwrite: bool) -> dict:
     import json
 
-    markers = [_marker(job.staging, p, parts) for p in range(parts)]
+    markers = [part_marker(job.staging, p, parts) for p in range(parts)]
     missing = [p for p, m in enumerate(markers) if not m.exists()]
     if missing:
         raise UserError(

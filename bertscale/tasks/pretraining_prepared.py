@@ -18,7 +18,7 @@ import numpy as np
 from ..args import flag_name
 from ..errors import UserError
 from . import pretraining_manifest as mf
-from .pretraining_prepare import _marker, plan_job, prepare
+from .pretraining_prepare import part_marker, plan_job, prepare
 
 CACHE_ENV = "BERTSCALE_PREPARED_CACHE"  # what --prepared-cache reads too; default ~/.cache/bertscale
 WAIT_LOG_EVERY_S = 300.0  # a rank waiting for the others' parts says so this often
@@ -204,7 +204,7 @@ def prepare_or_reuse(
         elif parts > 1:
             prepare(directory, job.tokenizer, workers=workers, part=rank, parts=parts, log=log, **corpus)
             if rank == 0:
-                markers = [_marker(job.staging, p, parts) for p in range(parts)]
+                markers = [part_marker(job.staging, p, parts) for p in range(parts)]
                 missing = lambda: [] if published() else [f"part {p}" for p, m in enumerate(markers) if not m.exists()]
                 _wait(missing, job, since, poll_s, log)
                 prepare(directory, job.tokenizer, parts=parts, finalize=True, log=log, **corpus)
