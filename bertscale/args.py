@@ -21,6 +21,7 @@ FINETUNE = ("finetune",)
 PRETRAIN = ("pretrain",)
 EVAL = ("finetune", "evaluate")
 ALL_RUN = ("finetune", "pretrain", "evaluate")
+WITH_PREPARE = (*ALL_RUN, "prepare")  # also what `bertscale prepare` reads (model = its tokenizer)
 
 
 def opt(default, help, commands=TRAIN, minimum=None, **click_kwargs):
@@ -38,7 +39,7 @@ class ModelArgs:
         "bert-large-cased-whole-word-masking",
         "Hub id, local directory, 'tiny' (2-layer random BERT for tests), or "
         "random:<dir or hub id> (that architecture, fresh weights).",
-        commands=ALL_RUN,
+        commands=WITH_PREPARE,
     )
     gradient_checkpointing: bool | None = opt(
         None, "Activation checkpointing (default: on for models with 24+ layers)."
@@ -59,9 +60,9 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     dataset: str | None = opt(
-        None, "Hub dataset name (default for squad/glue when no file is given).", commands=ALL_RUN
+        None, "Hub dataset name (default for squad/glue when no file is given).", commands=WITH_PREPARE
     )
-    dataset_config: str | None = opt(None, "Hub dataset config name.", commands=ALL_RUN)
+    dataset_config: str | None = opt(None, "Hub dataset config name.", commands=WITH_PREPARE)
     train_file: str | None = opt(
         None, "Local training file (SQuAD .json/.json.gz; CSV/TSV/JSONL for classify).", commands=FINETUNE
     )
@@ -73,10 +74,15 @@ class DataArgs:
     )
     max_eval_samples: int | None = opt(None, "Use only the first N evaluation examples.", commands=ALL_RUN, minimum=1)
     max_seq_length: int | None = opt(
-        None, "Tokens per sequence (default: 384 squad, 128 pretrain/classify).", commands=ALL_RUN
+        None,
+        "Tokens per sequence (default: 384 squad, 128 pretrain/classify; pretrain --prepared-data: its length).",
+        commands=WITH_PREPARE,
     )
     preprocessing_workers: int = opt(
-        min(4, os.cpu_count() or 1), "Processes for datasets.map tokenisation.", commands=ALL_RUN, minimum=1
+        min(4, os.cpu_count() or 1),
+        "Processes for tokenisation (datasets.map; pretrain --train-files: per rank, preparing them).",
+        commands=ALL_RUN,
+        minimum=1,
     )
     group_by_length: bool = opt(True, "Batch windows of similar length together (less padding).")
 
@@ -109,7 +115,7 @@ class OptimArgs:
     warmup_ratio: float = opt(0.1, "Share of steps with linear warmup.")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
-    seed: int = opt(42, "Random seed (data order, masking, dropout).", commands=ALL_RUN)
+    seed: int = opt(42, "Random seed (data order, held-out split, NSP pairs, masking, dropout).", commands=WITH_PREPARE)
 
 
 @dataclass

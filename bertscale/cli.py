@@ -1,4 +1,4 @@
-"""bertscale command line: finetune, pretrain, evaluate, predict, export, plan, report.
+"""bertscale command line: finetune, pretrain, prepare, evaluate, predict, export, plan, report.
 
 Runs as `bertscale ...`, `python -m bertscale ...` and `deepspeed bertscale/cli.py ...` (the
 launcher puts --local_rank=N before the subcommand, so the group accepts it).
@@ -76,6 +76,34 @@ def pretrain(run):
     from bertscale.trainer import train
 
     train(run)
+
+
+@main.command(cls=RunCommand, command_key="prepare")
+@click.option("--output-dir", required=True, help="Directory for the prepared data; it appears whole or not at all.")
+@click.option(
+    "--preprocessing-workers",
+    type=click.IntRange(min=1),
+    default=os.cpu_count() or 1,
+    envvar="BERTSCALE_PREPROCESSING_WORKERS",
+    help="Worker processes that prepare (default: all cores).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace data prepared from other inputs or settings in --output-dir.")
+@click.option(
+    "--parts",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Split the work into this many parts, one per Slurm array task (slurm/prepare.sh).",
+)
+@click.option("--part", type=int, default=None, help="With --parts: prepare only this part (0 to parts - 1).")
+@click.option("--finalize", is_flag=True, help="With --parts: check that every part is done, then publish.")
+def prepare(run, output_dir, preprocessing_workers, overwrite, parts, part, finalize):
+    """Prepare training data once (e.g. a pretraining corpus, for `pretrain --prepared-data`)."""
+    from bertscale import models, tasks
+
+    task = tasks.build(run, models.load_tokenizer(run.model.model))
+    task.prepare(
+        Path(output_dir), workers=preprocessing_workers, overwrite=overwrite, part=part, parts=parts, finalize=finalize
+    )
 
 
 @main.command(cls=RunCommand, command_key="evaluate")

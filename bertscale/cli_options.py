@@ -96,10 +96,14 @@ def run_options(command: str, fixed_task: str | None) -> list[click.Option]:
     for _, cls, heading in groups.GROUPS:
         options += field_options(cls, command, heading)
     if fixed_task is None:
-        runs_here = [n.replace(":*", ":<name>") for c in tasks.builtin() if c.command == "finetune" for n in c.names]
+        offered = tasks.preparing() if command == "prepare" else [c for c in tasks.builtin() if c.command == "finetune"]
+        runs_here = [n.replace(":*", ":<name>") for c in offered for n in c.names]
+        default = tasks.default_name() if command == "finetune" else None
+        if command == "prepare" and len(offered) == 1:
+            default = offered[0].names[0]  # the one task that prepares: no need to name it
         task = click.Option(
             ["--task", "task"],
-            default=tasks.default_name() if command == "finetune" else None,
+            default=default,
             envvar="BERTSCALE_TASK",
             show_default=True,
             help=f"Task: {', '.join(runs_here)}, or your own as path/to/file.py:ClassName or "
@@ -143,6 +147,8 @@ class RunCommand(click.Command):
         """The same list object every time (click appends to it and pops from it), built on first use."""
         if self._params is None:
             made = self.make_options() if self.make_options else run_options(self.command_key, self.fixed_task)
+            for param in self._fixed:  # the command's own options, under its own heading
+                param.section = getattr(param, "section", self.command_key.capitalize())
             self._params = [*self._fixed, *made]
         return self._params
 
@@ -175,7 +181,10 @@ class RunCommand(click.Command):
     def invoke(self, ctx):
         if self.make_options:
             return super().invoke(ctx)
-        return ctx.invoke(self.callback, run=make_run(ctx, self.fixed_task))
+        # Options declared on the command itself (click decorators) are its own: they go to the
+        # callback as they are; the rest make the Run.
+        own = {p.name: ctx.params.pop(p.name) for p in self._fixed if p.name in ctx.params}
+        return ctx.invoke(self.callback, run=make_run(ctx, self.fixed_task), **own)
 
     def format_options(self, ctx, formatter):
         sections: dict[str, list] = {}

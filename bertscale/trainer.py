@@ -104,6 +104,10 @@ def setup(run: Run) -> Training:
 
     tokenizer = models.load_tokenizer(run.model.model)
     task = tasks.build(run, tokenizer)
+    # Every rank at once: preparing data may take hours, and the ranks wait for each other through files.
+    note = task.prepare_train_data(dist.rank(), world)
+    if note and dist.is_main():
+        print(f"[bertscale] {note}", file=sys.stderr, flush=True)
     train_feats, eval_set = dist.main_first(lambda: (task.train_features(), task.eval_set()))
     lengths = None if data.is_streaming(train_feats) else task.lengths(train_feats)
     rows = None if lengths is None else len(lengths)

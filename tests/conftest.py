@@ -109,6 +109,18 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _prepared_cache(tmp_path_factory):
+    """`pretrain --train-files` prepares into a cache: the session's own, not the user's ~/.cache."""
+    before = os.environ.get("BERTSCALE_PREPARED_CACHE")
+    os.environ["BERTSCALE_PREPARED_CACHE"] = str(tmp_path_factory.mktemp("prepared-cache"))
+    yield
+    if before is None:
+        del os.environ["BERTSCALE_PREPARED_CACHE"]
+    else:
+        os.environ["BERTSCALE_PREPARED_CACHE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _no_shm_leftovers():
     """Remove DeepSpeed shared-memory buffers left by ranks that tests killed on purpose."""
     import time

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DEEPSPEED, ROOT, SQUAD, bertscale_single, cpu_env, free_port
 
-COMMANDS = ["finetune", "pretrain", "evaluate", "predict", "export", "plan", "report"]
+COMMANDS = ["finetune", "pretrain", "prepare", "evaluate", "predict", "export", "plan", "report"]
 
 
 def run(cmd, **kw):

@@ -14,7 +14,7 @@ WIKI = str(DATA / "corpus" / "wikitext-2-raw" / "wiki.test.raw")
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
 def test_pretrain_learns_and_exports(tmp_path, ds_config):
     out = tmp_path / "pt"
-    bertscale(
+    proc = bertscale(
         [
             "pretrain",
             "--model",
@@ -46,6 +46,8 @@ def test_pretrain_learns_and_exports(tmp_path, ds_config):
             str(out),
         ]
     )
+    # The text was prepared into the cache once, by both ranks, and rank 0 says where it trains from.
+    assert proc.stderr.count("[bertscale] pretrain: training on --train-files as prepared in ") == 1
     rows = train_rows(out)
     assert all("mlm_loss" in r and "nsp_loss" in r for r in rows)
     assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 1.0

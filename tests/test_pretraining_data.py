@@ -59,6 +59,29 @@ def test_gutenberg_markers_are_optional():
     assert data.strip_gutenberg("no markers\nat all") == "no markers\nat all"
     assert data.strip_gutenberg("licence\n*** START OF X ***\nbody") == "body"
     assert data.strip_gutenberg("body\n   *** END OF X ***\nlicence") == "body"
+    two_books = "h1\n*** START OF A ***\nbody a\n*** END OF A ***\nlicence\nh2\n*** START OF B ***\nbody b\n"
+    two_books += "*** END OF B"
+    assert data.strip_gutenberg(two_books) == "body a\n\nbody b"
+
+
+@pytest.mark.parametrize("separator", data.SEPARATORS)
+def test_concatenated_gutenberg_books_keep_every_body(tmp_path, separator):
+    books = sorted((CORPUS / "gutenberg").glob("*.txt"))
+    joined = tmp_path / "four-books.txt"
+    joined.write_bytes(b"".join(book.read_bytes() for book in books))  # `cat`: each book keeps its BOM
+    docs = data.read_file_documents(joined, separator, "text")
+    assert docs == [doc for book in books for doc in data.read_file_documents(book, separator, "text")]
+    assert not any("Project Gutenberg" in doc for doc in docs)
+    if separator != "blank-line":
+        assert len(docs) == 4  # one document per book, never two books in one
+
+
+def test_files_stream_line_by_line_as_whole_text_splits():
+    for path in (WIKITEXT, BOOK):
+        raw = path.read_text(encoding="utf-8-sig")
+        for separator in data.SEPARATORS:
+            streamed = data.read_file_documents(path, separator, "text")
+            assert streamed == data.split_documents(data.normalize_text(raw), separator)
 
 
 def test_document_separators(tmp_path):
@@ -105,8 +128,19 @@ def test_corpus_without_text(tmp_path):
 
 def test_unreadable_files(tmp_path):
     write(tmp_path / "latin.txt", "caf\xe9 au lait", encoding="latin-1")
-    with pytest.raises(UserError, match=r"latin\.txt: not UTF-8 text"):
+    with pytest.raises(UserError, match=r"latin\.txt: not UTF-8 text \(line 1, byte 3\)"):
         data.read_documents([str(tmp_path / "latin.txt")], "blank-line", "text")
+    write(tmp_path / "late.txt", "x" * 3_000_000 + "\n\nbad \xe9t\xe9", encoding="latin-1")  # past the first chunk
+    with pytest.raises(UserError, match=r"late\.txt: not UTF-8 text \(line 3, byte 3000006\)"):
+        data.read_documents([str(tmp_path / "late.txt")], "blank-line", "text")
+    (tmp_path / "cut.txt").write_bytes("ends in é".encode()[:-1])
+    with pytest.raises(UserError, match=r"cut\.txt: not UTF-8 text \(line 1, byte 8: a character cut short"):
+        data.read_documents([str(tmp_path / "cut.txt")], "blank-line", "text")
+    with gzip.open(tmp_path / "cut.txt.gz", "wb") as f:
+        f.write(b"some text " * 1000)
+    (tmp_path / "cut.txt.gz").write_bytes((tmp_path / "cut.txt.gz").read_bytes()[:40])  # a truncated download
+    with pytest.raises(UserError, match=r"cut\.txt\.gz: cannot read it"):
+        data.read_documents([str(tmp_path / "cut.txt.gz")], "blank-line", "text")
     write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: not a JSON object"):
         data.read_documents([str(tmp_path / "bad.jsonl")], "blank-line", "text")

@@ -61,3 +61,13 @@ def test_runs_are_built_from_flat_flags():
         tasks.make_run("classify", max_train_samples=0)
     with pytest.raises(TypeError, match="doc_stride"):
         tasks.make_run("classify", doc_stride=64)  # not a classification setting
+
+
+def test_prepare_is_offered_by_the_tasks_that_implement_it(tmp_path):
+    from bertscale.models import load_tokenizer
+
+    assert tasks.preparing() == [PretrainingTask]  # `bertscale prepare` runs it without --task
+    squad = tasks.build(tasks.make_run("squad", model="tiny"), load_tokenizer("tiny"))
+    with pytest.raises(UserError, match="--task squad has nothing to prepare: it reads its data when it trains"):
+        squad.prepare(tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()

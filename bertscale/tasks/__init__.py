@@ -42,6 +42,14 @@ def default_name() -> str:
     return next(cls.names[0] for cls in builtin() if cls.is_default)
 
 
+def preparing() -> list[type]:
+    """The registered tasks whose data `bertscale prepare` makes ahead of training (they implement
+    Task.prepare)."""
+    from .base import Task
+
+    return [cls for cls in builtin() if cls.prepare is not Task.prepare]
+
+
 def names() -> list[str]:
     """The registered task names as a user types them (a pattern "glue:*" as "glue:<name>")."""
     return [name.replace(":*", ":<name>") for cls in builtin() for name in cls.names]

@@ -102,6 +102,16 @@ class Task:
         IterableDataset for a stream."""
         raise NotImplementedError
 
+    def prepare_train_data(self, share: int, shares: int) -> str | None:
+        """Called by every process of a training run at the same time, before train_features: a task
+        whose data is prepared ahead of training (pretraining's corpus cache) makes its `share` of
+        `shares` here and returns when all of it is ready. The processes must wait for each other
+        through files, not collectives, so that no collective timeout runs out however long it takes.
+        An error that every process meets (a bad flag) is raised with echo only in share 0, so that
+        it is printed once. Returns a line saying where the training data comes from (printed
+        once), or None."""
+        return None
+
     def describe_train_data(self, rows: int) -> str:
         """What the training data amounts to, for messages ("--train-file x.json: 3 questions, 4 windows")."""
         return f"--task {self.name}: {rows} training rows"
@@ -147,6 +157,24 @@ class Task:
 
     def save_extra(self, model_dir: Path) -> None:
         """Hook to save anything besides model and tokenizer into an exported model dir."""
+
+    # --- prepare ---------------------------------------------------------------------------------
+    def prepare(
+        self,
+        output_dir: Path,
+        *,
+        workers: int,
+        overwrite: bool = False,
+        part: int | None = None,
+        parts: int = 1,
+        finalize: bool = False,
+    ) -> dict | None:
+        """`bertscale prepare`: make the task's data once into `output_dir` (whole, or not at all) with
+        `workers` processes, for training runs to read without preparing it again. With `parts` > 1
+        (a Slurm array) make only share `part`, and publish all of them with `finalize`. Returns a
+        description of what was made (None for one part of several). A task that prepares overrides
+        this; `bertscale prepare --task` offers the tasks that do."""
+        raise UserError(f"--task {self.name} has nothing to prepare: it reads its data when it trains.")
 
     # --- predict -------------------------------------------------------------------------------
     @classmethod

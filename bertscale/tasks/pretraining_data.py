@@ -8,14 +8,19 @@ as transformers' BertForPreTraining expects), otherwise a random stretch of anot
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
+import mmap
 import os
 import random
 import re
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import tokenizers
 
 from .. import hub
 from ..errors import UserError
@@ -25,7 +30,7 @@ IS_NEXT, RANDOM_NEXT = 0, 1
 TOKENIZE_BATCH = 1000  # sentences per fast-tokenizer call
 DOCS_PER_SHARD = 1000  # streaming: pairs are built within shards of this many documents
 
-_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")
+_BLANK_LINE = re.compile(r"[ \t\f\v]*")  # only these: a line of other whitespace does not split
 _TOP_HEADING = re.compile(r"^ ?= [^=].* = ?$")  # WikiText ' = Title = '; ' = = Sub = = ' is not top
 _ANY_HEADING = re.compile(r"^ ?=( =)* .* =( =)* ?$")
 # A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and a capital, digit or
@@ -62,22 +67,56 @@ _ABBREVIATIONS = {
 
 
 # --- reading ---------------------------------------------------------------------------------
+# Files are read line by line: a file of any size streams through, and only the document being
+# built is held (with --document-separator file, a whole file or book is one document).
+BOOK_BREAK = None  # between the bodies of concatenated Project Gutenberg books: ends a document
+
+
 def normalize_text(raw: str) -> str:
-    """Drop a UTF-8 BOM, turn CRLF/CR line ends into LF, strip a Project Gutenberg wrapper."""
+    """Drop a UTF-8 BOM, turn CRLF/CR line ends into LF, strip Project Gutenberg wrappers."""
     text = raw.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return strip_gutenberg(text)
 
 
+def gutenberg_marker(line: str) -> str | None:
+    stripped = line.strip()
+    if stripped.startswith("*** START OF"):
+        return "start"
+    if stripped.startswith("*** END OF"):
+        return "end"
+    return None
+
+
+def gutenberg_bodies(lines: Iterable[str], first_marker: str | None) -> Iterator[str | None]:
+    """The lines between each '*** START OF' and the next '*** END OF' (licence headers and footers
+    are not prose), with BOOK_BREAK at every marker, so that each book of a file of concatenated
+    books is kept. Text before the first marker is kept unless that marker is a START."""
+    keep = first_marker != "start"
+    for line in lines:
+        marker = gutenberg_marker(line)
+        if marker:
+            keep = marker == "start"
+            yield BOOK_BREAK
+        elif keep:
+            yield line
+
+
 def strip_gutenberg(text: str) -> str:
-    """Keep only the lines between '*** START OF' and '*** END OF' (licence boilerplate is not prose)."""
+    """`text` without Project Gutenberg headers and footers; the bodies of several books are
+    joined by a blank line."""
     lines = text.split("\n")
-    start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("*** START OF")), None)
-    end = next((i for i, ln in enumerate(lines) if ln.strip().startswith("*** END OF")), None)
-    if start is None and end is None:
+    first = next((m for m in map(gutenberg_marker, lines) if m), None)
+    if first is None:
         return text
-    lo = 0 if start is None else start + 1
-    hi = len(lines) if end is None or end < lo else end
-    return "\n".join(lines[lo:hi])
+    bodies, body = [], []
+    for line in gutenberg_bodies(lines, first):
+        if line is BOOK_BREAK:
+            bodies.append(body)
+            body = []
+        else:
+            body.append(line)
+    bodies.append(body)
+    return "\n\n".join("\n".join(b) for b in bodies if b)
 
 
 def clean_document(text: str) -> str:
@@ -87,23 +126,31 @@ def clean_document(text: str) -> str:
 
 def split_documents(text: str, separator: str) -> list[str]:
     """One file's text -> documents, each with its hard-wrapped lines joined by spaces."""
-    if separator == "file":
-        docs = [text]
-    elif separator == "blank-line":
-        docs = _BLANK_LINES.split(text)
-    elif separator == "heading":
-        docs, current = [], []
-        for line in text.split("\n"):
-            if _TOP_HEADING.match(line):
-                docs.append("\n".join(current))
-                current = []
-            elif not _ANY_HEADING.match(line):  # section headings are not sentences
-                current.append(line)
-        docs.append("\n".join(current))
-    else:
+    return list(documents_of_lines(text.split("\n"), separator))
+
+
+def documents_of_lines(lines: Iterable[str | None], separator: str) -> Iterator[str]:
+    """Lines (without line ends; BOOK_BREAK ends a document) -> documents, each with its
+    hard-wrapped lines joined by spaces; empty ones are skipped."""
+    if separator not in SEPARATORS:
         raise UserError(f"--document-separator {separator!r}: use one of {', '.join(SEPARATORS)}.")
-    joined = (" ".join(doc.split()) for doc in docs)
-    return [doc for doc in joined if doc]
+    words: list[str] = []
+    for line in lines:
+        if line is BOOK_BREAK:
+            ends, keep = True, False
+        elif separator == "blank-line":
+            ends, keep = _BLANK_LINE.fullmatch(line) is not None, True
+        elif separator == "heading":
+            ends, keep = _TOP_HEADING.match(line) is not None, not _ANY_HEADING.match(line)
+        else:
+            ends, keep = False, True
+        if ends and words:
+            yield " ".join(words)
+            words = []
+        if keep and not ends:
+            words.extend(line.split())
+    if words:
+        yield " ".join(words)
 
 
 def expand_globs(patterns: Iterable[str], flag: str) -> list[Path]:
@@ -122,21 +169,79 @@ def expand_globs(patterns: Iterable[str], flag: str) -> list[Path]:
 
 def read_file_documents(path: Path, separator: str, text_field: str) -> list[str]:
     """Documents of one .txt/.txt.gz (split by `separator`) or .jsonl[.gz] (one per line) file."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    opener = gzip.open if path.name.endswith(".gz") else open
+    return list(iter_file_documents(path, separator, text_field))
+
+
+def iter_file_documents(path: Path, separator: str, text_field: str) -> Iterator[str]:
+    """The documents of one file, read line by line. A file that is not UTF-8 or cannot be read
+    raises a UserError that names it."""
+    if separator not in SEPARATORS:
+        raise UserError(f"--document-separator {separator!r}: use one of {', '.join(SEPARATORS)}.")
+    path = Path(path)
+    jsonl = (path.name.removesuffix(".gz")).endswith(".jsonl")
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-            if name.endswith(".jsonl"):
-                return _jsonl_documents(f, path, text_field)
-            return split_documents(normalize_text(f.read()), separator)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}). Convert it to UTF-8.") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read it ({e}).") from None
+        if jsonl:
+            with _open_text(path, newline="") as f:
+                yield from _jsonl_documents(f, path, text_field)
+            return
+        first_marker = _first_gutenberg_marker(path)
+        with _open_text(path, newline=None) as f:  # newline=None: CRLF and CR become LF
+            lines = (line.removesuffix("\n") for line in f)
+            yield from documents_of_lines(gutenberg_bodies(_without_bom(lines), first_marker), separator)
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path}: not UTF-8 text ({_first_bad_byte(path)}). Convert it to UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8), or leave it out."
+        ) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(
+            f"{path}: cannot read it ({e}). Check the file (permissions, a truncated download or .gz), or leave it out."
+        ) from None
 
 
-def _jsonl_documents(lines, path: Path, text_field: str) -> list[str]:
-    docs = []
+def _open_text(path: Path, newline: str | None):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", newline=newline)
+
+
+def _without_bom(lines: Iterator[str]) -> Iterator[str]:
+    for i, line in enumerate(lines):
+        yield line.lstrip("\ufeff") if i == 0 else line
+
+
+def _first_gutenberg_marker(path: Path) -> str | None:
+    """'start', 'end' or None: whether the text before the first marker is a licence header.
+    Files without the marker text at all (most) are ruled out by a fast byte search."""
+    if not path.name.endswith(".gz"):
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return None
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(b"*** START OF") < 0 and m.find(b"*** END OF") < 0:
+                    return None
+    with _open_text(path, newline=None) as f:
+        return next((m for m in map(gutenberg_marker, f) if m), None)
+
+
+def _first_bad_byte(path: Path) -> str:
+    """Where a file stops being UTF-8: 'line L, byte B' (B counted from the start of the file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = gzip.open if path.name.endswith(".gz") else open
+    offset, line = 0, 1
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[: max(0, e.start - pending)].count(b"\n")
+                return f"line {line}, byte {offset + e.start - pending}"
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+    return f"line {line}, byte {offset - len(decoder.getstate()[0])}: a character cut short at the end"
+
+
+def _jsonl_documents(lines, path: Path, text_field: str) -> Iterator[str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -148,8 +253,7 @@ def _jsonl_documents(lines, path: Path, text_field: str) -> list[str]:
             raise UserError(f"{path}:{number}: no {text_field!r} field. Name the text field with --text-field.")
         text = clean_document(str(record[text_field] or ""))
         if text:
-            docs.append(text)
-    return docs
+            yield text
 
 
 def read_documents(
@@ -171,6 +275,17 @@ def read_documents(
 def load_hub_documents(name: str, config: str | None, text_field: str, streaming: bool = False):
     """The train split of a hub dataset (or a local dataset directory): a list of documents, or
     with `streaming` an IterableDataset of raw records, read lazily."""
+    ds = load_hub_dataset(name, config, text_field, streaming)
+    if streaming:
+        return ds
+    docs = [d for d in (clean_document(t or "") for t in ds[text_field]) if d]
+    if not docs:
+        raise UserError(f"--dataset {name}: {len(ds)} rows, 0 documents with text in {text_field!r}.")
+    return docs
+
+
+def load_hub_dataset(name: str, config: str | None, text_field: str, streaming: bool = False):
+    """The train split of a hub dataset (an IterableDataset with `streaming`), checked for `text_field`."""
     ds = hub.load_split(
         name, config, "train", streaming=streaming, hint="Check the name and --dataset-config, or use --train-files."
     )
@@ -179,12 +294,16 @@ def load_hub_documents(name: str, config: str | None, text_field: str, streaming
             f"--dataset {name}: no {text_field!r} column (columns: {ds.column_names}). "
             f"Name the text column with --text-field."
         )
-    if streaming:
-        return ds
-    docs = [d for d in (clean_document(t or "") for t in ds[text_field]) if d]
-    if not docs:
-        raise UserError(f"--dataset {name}: {len(ds)} rows, 0 documents with text in {text_field!r}.")
-    return docs
+    return ds
+
+
+def iter_hub_documents(ds, text_field: str, batch_size: int = 1000) -> Iterator[str]:
+    """The documents of a loaded hub dataset (streamed or not) in order, read a batch at a time."""
+    for batch in ds.iter(batch_size=batch_size):
+        for text in batch[text_field]:
+            doc = clean_document(text or "")
+            if doc:
+                yield doc
 
 
 def hold_out(documents: list, percentage: float, seed: int) -> tuple[list, list]:
@@ -221,15 +340,7 @@ def tokenize_documents(documents: list[str], tokenizer, max_piece: int) -> list[
     flat = [s for sentences in sentence_lists for s in sentences]
     encoded = []
     for lo in range(0, len(flat), TOKENIZE_BATCH):
-        enc = tokenizer(
-            flat[lo : lo + TOKENIZE_BATCH],
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        for i, ids in enumerate(enc["input_ids"]):
-            encoded.append((ids, _word_starts(enc.word_ids(i))))
+        encoded.extend(_encode(tokenizer, flat[lo : lo + TOKENIZE_BATCH]))
     out, k = [], 0
     for sentences in sentence_lists:
         doc = []
@@ -242,6 +353,18 @@ def tokenize_documents(documents: list[str], tokenizer, max_piece: int) -> list[
         if doc:
             out.append(doc)
     return out
+
+
+def _encode(tokenizer, sentences: list[str]) -> list[tuple[list, list]]:
+    """(token ids, word-start flags) of each sentence, without special tokens. `tokenizer` is a
+    transformers tokenizer or, in the prepare workers (which do not import transformers), the
+    tokenizers.Tokenizer behind a fast one: transformers encodes through it in the same way."""
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        return [(e.ids, _word_starts(e.word_ids)) for e in tokenizer.encode_batch(sentences, add_special_tokens=False)]
+    enc = tokenizer(
+        sentences, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    )
+    return [(ids, _word_starts(enc.word_ids(i))) for i, ids in enumerate(enc["input_ids"])]
 
 
 def _word_starts(word_ids: list[int | None]) -> list[int]:

@@ -1,0 +1,327 @@
+"""How preparing a pretraining corpus scales: 10, 40 and 160 MB of text, and a projection for 10 GB.
+
+    python benchmarks/pretrain_data_scaling.py                      # 10, 40, 160 MB, all cores, --model tiny
+    python benchmarks/pretrain_data_scaling.py --sizes 5 20 --no-train
+
+For each size it builds a corpus from the text in ../shared/data/corpus (the four Gutenberg books as
+they are, wrappers included, and WikiText-2's articles one per blank-line-separated block, copied
+round-robin into files until the size is reached), then measures:
+  prepare      wall time of `python -m bertscale prepare` (start-up included), MB of text per second,
+               and the CPU time of its process tree (steadier than wall time on a shared machine)
+  peak memory  the largest sum of PSS over the whole process tree (the command and its workers),
+               sampled every 0.2 s; PSS shares each shared page among the processes that map it
+  on disk      bytes of the prepared directory
+  first step   seconds from launching `deepspeed --num_gpus 2 ... pretrain` on the prepared corpus to
+               the first training step (DeepSpeed's JIT-built CPU ops cached: see main), the two
+               ranks' PSS at their peak (each, and summed), and at the first step the RSS and PSS of
+               each rank's memory maps of the shards: pages both ranks map count half in each PSS
+It prints a table and what 10 GB would take at the largest size's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("BERTSCALE_SHARED", ROOT.parent / "shared"))
+CORPUS = SHARED / "data" / "corpus"
+MB = 2**20
+ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "WANDB_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+# --- corpora -----------------------------------------------------------------------------------
+def source_texts() -> list[tuple[str, bytes]]:
+    """(name, bytes) of the sources: the books as they are, WikiText articles as blank-line blocks."""
+    from bertscale.tasks.pretraining_data import read_documents
+
+    books = [(p.stem, p.read_bytes()) for p in sorted((CORPUS / "gutenberg").glob("*.txt"))]
+    articles, _ = read_documents([str(CORPUS / "wikitext-2-raw" / "wiki.test.raw")], "heading", "text")
+    return [*books, ("wiki", "\n\n".join(articles).encode() + b"\n")]
+
+
+def build_corpus(folder: Path, megabytes: float, sources) -> int:
+    """Copies of the sources, round-robin, one file each, until `megabytes` (the last one cut at a line)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, written, i = int(megabytes * MB), 0, 0
+    while written < target:
+        name, text = sources[i % len(sources)]
+        if written + len(text) > target:
+            text = text[: text.rfind(b"\n", 0, target - written) + 1] or text[: target - written]
+        (folder / f"{i:05d}-{name}.txt").write_bytes(text)
+        written += len(text)
+        i += 1
+    return written
+
+
+# --- measuring ---------------------------------------------------------------------------------
+class TreeMemory:
+    """Samples the PSS of a process and all its descendants until it ends; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_total = 0
+        self.peak_by_pid: dict[int, tuple[int, str]] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE:
+            total = 0
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for proc in tree:
+                try:
+                    pss = proc.memory_full_info().pss
+                    cmd = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                total += pss
+                if pss > self.peak_by_pid.get(proc.pid, (0, ""))[0]:
+                    self.peak_by_pid[proc.pid] = (pss, cmd)
+            self.peak_total = max(self.peak_total, total)
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self.thread.join(timeout=5)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of all finished descendants (each waited for by its parent): on a
+    shared machine this grows with the work done, while wall time also grows with the others' load."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_prepare(files: Path, out: Path, model: str, workers: int, seq: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bertscale",
+        "prepare",
+        "--task",
+        "pretrain",
+        "--model",
+        model,
+        "--train-files",
+        str(files / "*.txt"),
+        "--output-dir",
+        str(out),
+        "--preprocessing-workers",
+        str(workers),
+        "--max-seq-length",
+        str(seq),
+    ]
+    started, cpu_before = time.perf_counter(), children_cpu_seconds()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    memory = TreeMemory(proc.pid)
+    output = proc.communicate()[0]
+    seconds = time.perf_counter() - started
+    cpu = children_cpu_seconds() - cpu_before
+    memory.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{output}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_pss": memory.peak_total,
+        "disk": disk,
+        "shards": manifest["totals"]["shards"],
+        "pairs": manifest["totals"]["train_rows"],
+        "tokens": manifest["totals"]["train_tokens"],
+    }
+
+
+def mapped_memory(pid: int, folder: Path) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process's memory maps of the files under `folder` (the Arrow shards)."""
+    rss = pss = 0
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping header: address range ... path
+                inside = line.rstrip().endswith(".arrow") and str(folder) in line
+            elif inside and first == "Rss:":
+                rss += int(line.split()[1]) * 1024
+            elif inside and first == "Pss:":
+                pss += int(line.split()[1]) * 1024
+    return rss, pss
+
+
+def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5) -> dict:
+    """Launch 2 ranks on the prepared corpus; seconds until the first step, the ranks' peak PSS, and
+    how much of the shards they have mapped at the first step (RSS) and what that costs them (PSS)."""
+    import psutil
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    out = work / "run"
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "bertscale/cli.py",
+        "pretrain",
+        "--prepared-data",
+        str(prepared),
+        "--model",
+        model,
+        "--max-seq-length",
+        str(seq),
+        "--micro-batch-size",
+        "16",
+        "--max-steps",
+        str(steps),
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+        "--max-eval-samples",
+        "64",
+        "--ds-config",
+        "zero2",
+        "--wandb-mode",
+        "disabled",
+        "--output-dir",
+        str(out),
+        "--overwrite-output-dir",
+    ]
+    env = {**os.environ, **ENV}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    memory = TreeMemory(proc.pid)
+    first, lines, shards = None, [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if first is None and "[bertscale] step 1/" in line:
+            first = time.perf_counter() - started
+            ranks = [
+                p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())
+            ]
+            shards = [mapped_memory(p.pid, prepared) for p in ranks]
+    proc.wait()
+    memory.stop()
+    if proc.returncode != 0 or first is None:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{''.join(lines[-40:])}")
+    ranks = sorted(pss for pss, cmd in memory.peak_by_pid.values() if "--local_rank" in cmd)
+    return {
+        "first_step_s": first,
+        "rank_pss": ranks,
+        "ranks_sum": sum(ranks),
+        "shards_rss": [r for r, _ in shards],
+        "shards_pss": [p for _, p in shards],
+    }
+
+
+# --- report ------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[10, 40, 160], help="Corpus sizes in MB.")
+    ap.add_argument("--model", default="tiny", help="Model whose tokenizer prepares (and that trains).")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="--preprocessing-workers (default: cores).")
+    ap.add_argument("--max-seq-length", type=int, default=128)
+    ap.add_argument("--no-train", action="store_true", help="Skip the 2-rank first-step measurement.")
+    ap.add_argument("--no-warmup", action="store_true", help="Do not launch once before timing the first step.")
+    ap.add_argument("--work-dir", default=None, help="Where corpora and prepared data go (default: a temp dir).")
+    ap.add_argument("--json", default=None, help="Also write the results here.")
+    args = ap.parse_args(argv)
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pretrain_data_scaling_"))
+    # DeepSpeed builds its CPU ops (shm allreduce, Adam) on first use, for minutes; keep them in this
+    # venv so that other checkouts building theirs do not make every launch rebuild, and build them
+    # once before timing (--no-warmup to time a cold start).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    sources = source_texts()
+    results = []
+    try:
+        for i, size in enumerate(args.sizes):
+            corpus = work / f"corpus-{size:g}MB"
+            text_bytes = build_corpus(corpus, size, sources)
+            prepared = work / f"prepared-{size:g}MB"
+            shutil.rmtree(prepared, ignore_errors=True)
+            row = {
+                "mb": text_bytes / MB,
+                **run_prepare(corpus, prepared, args.model, args.workers, args.max_seq_length),
+            }
+            if not args.no_train:
+                if i == 0 and not args.no_warmup:
+                    first_step(prepared, args.model, args.max_seq_length, work, steps=1)
+                row.update(first_step(prepared, args.model, args.max_seq_length, work))
+            results.append(row)
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            shutil.rmtree(corpus)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\nprepare with {args.workers} workers, --model {args.model}, seq {args.max_seq_length}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    header = f"{'text MB':>8} {'prepare s':>10} {'MB/s':>6} {'CPU s':>7} {'MB/CPU-s':>9} {'peak PSS MB':>12} "
+    header += f"{'disk MB':>8} {'shards':>7} {'pairs':>9}"
+    if not args.no_train:
+        header += f" {'first step s':>13} {'rank PSS MB':>12} {'sum MB':>7} {'shards RSS/PSS MB':>18}"
+    print(header)
+    for r in results:
+        line = f"{r['mb']:>8.1f} {r['seconds']:>10.1f} {r['mb'] / r['seconds']:>6.2f} {r['cpu_seconds']:>7.0f} "
+        line += f"{r['mb'] / r['cpu_seconds']:>9.2f} {r['peak_pss'] / MB:>12.0f} {r['disk'] / MB:>8.1f} "
+        line += f"{r['shards']:>7} {r['pairs']:>9}"
+        if "first_step_s" in r:
+            ranks = "+".join(f"{p / MB:.0f}" for p in r["rank_pss"])
+            shards = "+".join(f"{a / MB:.0f}/{b / MB:.0f}" for a, b in zip(r["shards_rss"], r["shards_pss"]))
+            line += f" {r['first_step_s']:>13.1f} {ranks:>12} {r['ranks_sum'] / MB:>7.0f} {shards:>18}"
+        print(line)
+    print()
+    for small, big in itertools.pairwise(results):
+        print(
+            f"{big['mb']:.0f} MB vs {small['mb']:.0f} MB ({big['mb'] / small['mb']:.0f}x the text): wall time "
+            f"{big['seconds'] / small['seconds']:.2f}x, CPU time {big['cpu_seconds'] / small['cpu_seconds']:.2f}x"
+        )
+    first, big = results[0], results[-1]
+    print(f"peak memory {big['mb']:.0f} MB vs {first['mb']:.0f} MB: {big['peak_pss'] / first['peak_pss']:.2f}x")
+    rate, cpu_rate = big["mb"] / big["seconds"], big["mb"] / big["cpu_seconds"]
+    print(
+        f"10 GB: {10240 / rate / 3600:.1f} h at this run's {rate:.2f} MB/s with {args.workers} workers; "
+        f"{10240 / cpu_rate / 3600:.1f} CPU-hours (/ cores for a quiet machine), "
+        f"{big['disk'] / big['mb'] * 10240 / 2**30:.1f} GB on disk, peak memory as at {big['mb']:.0f} MB "
+        f"({big['peak_pss'] / MB:.0f} MB)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
