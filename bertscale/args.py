@@ -43,6 +43,12 @@ class ModelArgs:
     gradient_checkpointing: bool | None = opt(
         None, "Activation checkpointing (default: on for models with 24+ layers)."
     )
+    unpad: bool = opt(
+        True,
+        "Compute on real tokens only: pack each batch's real tokens and run variable-length attention "
+        "(heads without an unpadded version run padded, and the log says so). --no-unpad: padded batches.",
+        commands=ALL_RUN,
+    )
 
 
 @dataclass

@@ -16,15 +16,21 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from bertscale import engine as engines
 from bertscale import models
+from bertscale.args import ModelArgs
 from bertscale.checkpoint.save import stock_class_name
+from bertscale.evaluation import model_inputs
+from bertscale.tasks.base import Task
 from bertscale.tasks.pretraining_model import BertForPreTrainingOnMasked
 from bertscale.unpad import (
+    PACKING_KEYS,
     PADDING_LOGIT,
     Packing,
     UnpaddedBertForPreTraining,
     UnpaddedBertForQuestionAnswering,
     UnpaddedBertForSequenceClassification,
+    add_packing,
     attention,
     describe_backend,
     packing_kwargs,
@@ -149,13 +155,20 @@ def test_cpu_attention_applies_attention_dropout():
     without = attention.varlen_attention(q, k, v, packing)
     with_dropout = attention.varlen_attention(q, k, v, packing, dropout_p=0.5)
     assert not torch.allclose(without, with_dropout)
-    assert "cpu_buckets" in describe_backend("cpu", torch.float32, 0.1)
-    assert "attention dropout 0.1 applied" in describe_backend("cpu", torch.float32, 0.1)
+    assert describe_backend("cpu", torch.float32, 0.1) == (
+        "unpadded attention on cpu/float32: cpu_buckets in training (attention dropout 0.1 applied)"
+    )
+    assert describe_backend("cpu", torch.bfloat16, 0.1, training=False) == (
+        "unpadded attention on cpu/bfloat16: cpu_buckets (evaluation, no attention dropout)"
+    )
 
 
 def test_a_kernel_without_attention_dropout_says_so(monkeypatch):
     monkeypatch.setenv(attention.BACKEND_ENV, "torch_varlen")
-    assert "NOT applied" in describe_backend("cuda", torch.bfloat16, 0.1)
+    assert describe_backend("cuda", torch.bfloat16, 0.1) == (
+        "unpadded attention on cuda/bfloat16: torch_varlen in training "
+        "(attention dropout 0.1 NOT applied (the kernel has none))"
+    )
     monkeypatch.setenv(attention.BACKEND_ENV, "no_such_kernel")
     with pytest.raises(ValueError, match="choose one of"):
         attention.choose_backend(torch.device("cpu"), torch.float32)
@@ -395,6 +408,75 @@ def test_zero3_engine_gathers_parameters_in_the_packed_forward():
         assert row["partitioned"], row
         assert row["losses"][0] == pytest.approx(row["stock_loss"], abs=1e-5), row
         assert row["losses"][-1] < row["losses"][0], row
+
+
+# --- wiring: engine.build_model, evaluation.model_inputs ---------------------------------------------
+class OneHead(Task):
+    names = ("one-head",)
+
+    def __init__(self, model_class, **overrides):
+        super().__init__(None)
+        self._class, self._overrides = model_class, overrides
+
+    def model_class(self):
+        return self._class
+
+    def model_config_overrides(self):
+        return self._overrides
+
+
+@pytest.mark.parametrize(
+    "task_class,overrides,unpadded",
+    [
+        (AutoModelForQuestionAnswering, {}, UnpaddedBertForQuestionAnswering),  # the squad task's class
+        (AutoModelForSequenceClassification, {"num_labels": 3}, UnpaddedBertForSequenceClassification),
+        (BertForPreTrainingOnMasked, {}, UnpaddedBertForPreTraining),  # the pretraining task's class
+    ],
+)
+def test_build_model_builds_the_unpadded_head_unless_no_unpad(task_class, overrides, unpadded):
+    task = OneHead(task_class, **overrides)
+    model = engines.build_model(ModelArgs(model="tiny"), task, {})
+    assert type(model) is unpadded
+    assert task.packing == {"mlm": unpadded is UnpaddedBertForPreTraining}
+    assert stock_class_name(model) == unpadded.__name__.removeprefix("Unpadded")  # what checkpoints record
+    task = OneHead(task_class, **overrides)
+    model = engines.build_model(ModelArgs(model="tiny", unpad=False), task, {})
+    assert not isinstance(model, unpadded) and task.packing is None
+
+
+def test_a_head_without_an_unpadded_version_runs_padded_and_says_so(capsys):
+    task = OneHead(BertForMaskedLM)
+    model = engines.build_model(ModelArgs(model="tiny"), task, {})
+    assert type(model) is BertForMaskedLM and task.packing is None
+    assert "[bertscale] unpadding: BertForMaskedLM (bert) has no unpadded version; it runs on padded batches" in (
+        capsys.readouterr().err
+    )
+
+
+def test_add_packing_on_the_collate_side():
+    batch = make_batch(models.load_config("tiny"))
+    batch["labels"] = mlm_labels(batch)
+    add_packing(batch, mlm=True)
+    expected = packing_kwargs(batch["attention_mask"], mlm_labels=batch["labels"])
+    assert set(expected) == set(PACKING_KEYS)
+    for key in PACKING_KEYS:
+        assert torch.equal(torch.as_tensor(batch[key]), torch.as_tensor(expected[key])), key
+    no_mask = add_packing({"input_ids": torch.ones(2, 5, dtype=torch.long)})  # every token real, as stock
+    assert no_mask["cu_seqlens"].tolist() == [0, 5, 10] and no_mask["max_seqlen"] == 5
+
+
+def test_model_inputs_add_the_packing_for_an_unpadded_model_only():
+    task = OneHead(BertForQuestionAnswering)
+    batch = make_batch(models.load_config("tiny"))
+    batch["labels"], batch["example_id"] = torch.zeros(len(LENGTHS)), torch.arange(len(LENGTHS))
+    assert set(model_inputs(batch, task, "cpu")) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    task.packing = {"mlm": False}
+    inputs = model_inputs(batch, task, torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids", "labels", *PACKING_KEYS} - {
+        "masked_indices"
+    }
+    assert type(inputs["max_seqlen"]) is int and inputs["max_seqlen"] == max(LENGTHS)
+    assert "cu_seqlens" not in batch  # the caller's batch is left as it was
 
 
 # --- CUDA ------------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 tensor, every Linear, LayerNorm, GELU and dropout runs on real tokens only, and attention uses
 variable-length kernels fed with cu_seqlens / max_seqlen.
 
-    packing.py    where the real tokens are (Packing), and packing_kwargs for collators
+    packing.py    where the real tokens are (Packing), and add_packing / packing_kwargs for collators
     attention.py  varlen attention kernels per device, and which ones apply attention dropout
     encoder.py    the stock embeddings and layers run on packed tokens
     losses.py     the stock heads' losses
-    models.py     Unpadded* heads (subclasses of the stock ones) and unpadded_class()
+    models.py     Unpadded* heads (subclasses of the stock ones), unpadded_class(), packing_options()
 """
 
 from .attention import describe_backend
@@ -15,10 +15,11 @@ from .models import (
     UnpaddedBertForPreTraining,
     UnpaddedBertForQuestionAnswering,
     UnpaddedBertForSequenceClassification,
+    packing_options,
     stock_class,
     unpadded_class,
 )
-from .packing import PACKING_KEYS, Packing, packing_kwargs
+from .packing import PACKING_KEYS, Packing, add_packing, packing_kwargs
 
 __all__ = [
     "PACKING_KEYS",
@@ -27,8 +28,10 @@ __all__ = [
     "UnpaddedBertForPreTraining",
     "UnpaddedBertForQuestionAnswering",
     "UnpaddedBertForSequenceClassification",
+    "add_packing",
     "describe_backend",
     "packing_kwargs",
+    "packing_options",
     "stock_class",
     "unpadded_class",
 ]

@@ -71,18 +71,23 @@ def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 
     return "nested_sdpa"
 
 
-def describe_backend(device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
-    """One line for the run's log: the kernel used in training and whether it applies attention dropout."""
-    backend = choose_backend(torch.device(device), dtype, dropout_p)
+def describe_backend(device: torch.device | str, dtype: torch.dtype, dropout_p: float, training: bool = True) -> str:
+    """One line for the run's log: the kernel that training uses and whether it applies attention
+    dropout, and the kernel that evaluation uses (dropout off) where that is another one."""
+    device = torch.device(device)
+    where = f"unpadded attention on {device.type}/{str(dtype).removeprefix('torch.')}"
+    evaluation = choose_backend(device, dtype, 0.0)
+    if not training:
+        return f"{where}: {evaluation} (evaluation, no attention dropout)"
+    backend = choose_backend(device, dtype, dropout_p)
     if dropout_p == 0:
         dropout = "no attention dropout configured"
     elif APPLIES_ATTENTION_DROPOUT[backend]:
         dropout = f"attention dropout {dropout_p} applied"
     else:
         dropout = f"attention dropout {dropout_p} NOT applied (the kernel has none)"
-    return (
-        f"unpadded attention: {backend} on {torch.device(device).type}/{str(dtype).removeprefix('torch.')}, {dropout}"
-    )
+    line = f"{where}: {backend} in training ({dropout})"
+    return line if evaluation == backend else f"{line}, {evaluation} in evaluation"
 
 
 @functools.cache

@@ -39,6 +39,14 @@ def stock_class(model_class: type) -> type:
     return next(c for c in model_class.__mro__ if getattr(transformers, c.__name__, None) is c)
 
 
+def packing_options(model) -> dict | None:
+    """add_packing's keywords for the batches of `model` (the module, not a DeepSpeed engine):
+    None for a model that is not unpadded, which takes padded batches as they are."""
+    if not isinstance(model, _Unpadded):
+        return None
+    return {"mlm": isinstance(model, UnpaddedBertForPreTraining)}
+
+
 class _Unpadded:
     """What the unpadded heads share: packing, the stock fallback, and saving as the stock class."""
 

@@ -5,9 +5,9 @@ tokens keep their order, so `indices` (flat positions into [batch * seq]) are in
 owns packed tokens cu_seqlens[b]:cu_seqlens[b + 1]; its first one is the [CLS] token when the
 batch is right-padded (as bertscale's collate pads). Every row must hold at least one real token.
 
-Collators call `packing_kwargs` on the CPU, so the model gets `max_seqlen` as a Python int and
-the indices ready-made: no device-to-host sync in the step. A model given only attention_mask
-computes the same with `Packing.from_mask` (a sync or two on CUDA).
+Collators call `add_packing` (or `packing_kwargs`) on the CPU, so the model gets `max_seqlen` as a
+Python int and the indices ready-made: no device-to-host sync in the step. A model given only
+attention_mask computes the same with `Packing.from_mask` (a sync or two on CUDA).
 """
 
 from __future__ import annotations
@@ -98,6 +98,19 @@ def packing_kwargs(attention_mask: torch.Tensor, mlm_labels: torch.Tensor | None
     if mlm_labels is not None:
         kwargs["masked_indices"] = masked_token_indices(mlm_labels.flatten().index_select(0, indices))
     return kwargs
+
+
+def add_packing(batch: dict, mlm: bool = False) -> dict:
+    """`batch` (a collated, right-padded CPU batch) with the packing_kwargs of its attention_mask
+    added, and with `mlm` the scored positions of its token-level `labels`. Meant for the collate
+    side (the trainer's loop now; DataLoader workers later): no device sync, and `max_seqlen` stays
+    a Python int, so move only the tensors to the device. A batch without attention_mask counts
+    every token as real, as the stock model does. Returns the same dict."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch["input_ids"].shape[:2], dtype=torch.long)
+    batch.update(packing_kwargs(mask, mlm_labels=batch["labels"] if mlm else None))
+    return batch
 
 
 def masked_token_indices(packed_labels: torch.Tensor) -> torch.Tensor:

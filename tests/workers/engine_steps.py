@@ -59,6 +59,7 @@ def train(config_name: str, precision: str, steps: int):
                         "skipped": engine.skipped_steps,
                         "zero": engines.zero_stage(cfg),
                         "dtype": str(next(engine.module.parameters()).dtype),
+                        "model": type(engine.module).__name__,
                     }
                 ),
                 flush=True,
