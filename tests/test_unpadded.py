@@ -1,11 +1,19 @@
-"""The unpadded models are the stock transformers heads computed on real tokens only: in fp32 with
-dropout off, the same logits and loss (within 1e-5), the same parameter gradients (within 1e-5
-relative), and checkpoints that load into the stock classes."""
+"""The unpadded models are the stock transformers heads computed on real tokens only. Against the
+stock models, in fp32 with dropout off (mixed lengths, token types, checkpointing off and on):
+
+- logits on real positions within 1e-5 (padded QA positions hold PADDING_LOGIT); pooled logits too;
+- the loss within 1e-5 of stock's for classification and pretraining; for QA, of stock's loss on
+  batches without padding, and on padded ones of stock's formula with each row's softmax over its
+  real positions: stock's own QA loss puts the padded positions into its softmax, so it changes
+  with the padding width, and ours does not (test_question_answering_loss_does_not_depend_...);
+- every parameter gradient within 1e-5 relative (of the loss each is compared with);
+- checkpoints and exports that load into the stock classes."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -36,7 +44,6 @@ from bertscale.unpad import (
     packing_kwargs,
     unpadded_class,
 )
-from bertscale.unpad.losses import span_loss
 
 from conftest import launch
 
@@ -65,6 +72,21 @@ def stock_and_unpadded(stock_class, name="tiny", checkpointing=False, **override
         models.enable_activation_checkpointing(stock)
         models.enable_activation_checkpointing(ours)
     return stock.train(), ours.train()  # train mode (dropout probabilities are 0): checkpointing applies
+
+
+def span_loss_over_real_positions(start_logits, end_logits, real, start_positions, end_positions):
+    """BertForQuestionAnswering's loss, (start CE + end CE) / 2 with positions >= seq ignored,
+    with each row's softmax over its real positions only (written out row by row)."""
+    ignored = start_logits.shape[1]
+    losses = []
+    for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
+        rows = [
+            F.cross_entropy(logits[b][real[b]][None], positions[b : b + 1])
+            for b in range(len(positions))
+            if positions[b] < ignored
+        ]
+        losses.append(torch.stack(rows).mean())
+    return (losses[0] + losses[1]) / 2
 
 
 def assert_same_gradients(ours, stock):
@@ -186,18 +208,25 @@ def test_question_answering_matches_stock(checkpointing):
     for name in ("start_logits", "end_logits"):
         torch.testing.assert_close(getattr(got, name)[real], getattr(expected, name)[real], atol=1e-5, rtol=1e-5)
         assert (getattr(got, name)[~real] == PADDING_LOGIT).all()
-    # The stock loss also puts the padded positions into the softmax (so it changes with the pad width);
-    # the unpadded loss is the stock formula over real positions only.
-    stock_start, stock_end = (
-        torch.where(real, logits, torch.tensor(PADDING_LOGIT))
-        for logits in (expected.start_logits, expected.end_logits)
-    )
-    expected_loss = span_loss(stock_start, stock_end, **positions)
+    # Stock's loss also puts the padded positions into its softmax over the sequence (it changes with the
+    # batch's padding width); ours is stock's formula with each row's softmax over its real positions.
+    expected_loss = span_loss_over_real_positions(expected.start_logits, expected.end_logits, real, **positions)
     torch.testing.assert_close(got.loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(stock(**batch, **positions).loss, got.loss, atol=1e-3, rtol=1e-3)
     expected_loss.backward()
     got.loss.backward()
     assert_same_gradients(ours, stock)
     assert len(calls) == (stock.config.num_hidden_layers if checkpointing else 0)
+
+
+def test_question_answering_loss_does_not_depend_on_the_padding_width():
+    stock, ours = stock_and_unpadded(BertForQuestionAnswering)
+    narrow = make_batch(stock.config)
+    wide = {k: F.pad(v, (0, 24)) for k, v in narrow.items()}  # the same rows, 24 more padded columns
+    positions = {"start_positions": torch.tensor([3, 0, 20, 6, 30]), "end_positions": torch.tensor([5, 0, 22, 6, 30])}
+    torch.testing.assert_close(ours(**wide, **positions).loss, ours(**narrow, **positions).loss, atol=1e-6, rtol=1e-6)
+    stock_narrow, stock_wide = stock(**narrow, **positions).loss, stock(**wide, **positions).loss
+    assert stock_wide > stock_narrow + 0.05  # more padded positions share stock's softmax
 
 
 def test_question_answering_loss_is_the_stock_loss_without_padding():
@@ -286,10 +315,7 @@ def test_pretrained_minilm_question_answering_matches_stock():
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got.start_logits[real], expected.start_logits[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.end_logits[real], expected.end_logits[real], atol=1e-5, rtol=1e-5)
-    expected_loss = span_loss(
-        *(torch.where(real, x, torch.tensor(PADDING_LOGIT)) for x in (expected.start_logits, expected.end_logits)),
-        **positions,
-    )
+    expected_loss = span_loss_over_real_positions(expected.start_logits, expected.end_logits, real, **positions)
     torch.testing.assert_close(got.loss, expected_loss, atol=1e-5, rtol=1e-5)
     expected_loss.backward()
     got.loss.backward()
