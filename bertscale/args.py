@@ -50,6 +50,12 @@ class ModelArgs:
     attention_dropout: float | None = opt(
         None, "Dropout of the attention probabilities (default: the model config's attention_probs_dropout_prob)."
     )
+    unpad: bool = opt(
+        True,
+        "Compute on real tokens only: pack each batch's real tokens and run variable-length attention "
+        "(heads without an unpadded version run padded, and the log says so). --no-unpad: padded batches.",
+        commands=ALL_RUN,
+    )
 
     def config_overrides(self) -> dict:
         """The model config values these flags set (dropout), for the model's construction."""

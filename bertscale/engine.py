@@ -1,8 +1,11 @@
 """A DeepSpeed engine around the task's BERT model: config, precision check, ZeRO-3 construction,
-activation checkpointing, optimizer parameter groups."""
+unpadded execution (unpad/), activation checkpointing, optimizer parameter groups."""
 
 from __future__ import annotations
 
+import sys
+
+from . import distributed as dist
 from . import ds_config, models
 from .errors import UserError
 
@@ -48,9 +51,10 @@ def build_model(model_args, task, cfg: dict):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841 -- must stay alive while the model is built
+    overrides = {**task.model_config_overrides(), **model_args.config_overrides()}
+    model_class = choose_model_class(model_args, task, models.load_config(model_args.model, **overrides))
     try:
-        overrides = {**task.model_config_overrides(), **model_args.config_overrides()}
-        model = models.build_model(model_args.model, task.model_class(), **overrides)
+        model = models.build_model(model_args.model, model_class, **overrides)
     finally:
         if hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -61,7 +65,47 @@ def build_model(model_args, task, cfg: dict):
         checkpointing = model.config.num_hidden_layers >= 24
     if checkpointing:
         models.enable_activation_checkpointing(model)
+    from .unpad import packing_options
+
+    task.packing = packing_options(model)  # what evaluation.model_inputs adds to its batches
     return model
+
+
+def choose_model_class(model_args, task, config) -> type:
+    """The task's model class, or with --unpad (the default) its unpadded version (unpad/); a head
+    without one runs padded, and rank 0 says so."""
+    model_class = task.model_class()
+    if not model_args.unpad:
+        return model_class
+    from .unpad import unpadded_class
+
+    unpadded = unpadded_class(model_class, config)
+    if unpadded is None:
+        say(
+            f"unpadding: {model_class.__name__} ({config.model_type}) has no unpadded version; "
+            "it runs on padded batches"
+        )
+        return model_class
+    return unpadded
+
+
+def say(line: str) -> None:
+    """One line in the run's log, from rank 0."""
+    if dist.is_main():
+        print(f"[bertscale] {line}", file=sys.stderr, flush=True)
+
+
+def log_attention_kernel(model, device, precision: str, training: bool = True) -> None:
+    """Rank 0 names the varlen attention kernel of an unpadded model, and whether it applies
+    attention dropout; nothing for a padded model."""
+    from .unpad import describe_backend, packing_options
+
+    if packing_options(model) is None:
+        return
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    say(describe_backend(device, dtype, model.config.attention_probs_dropout_prob, training=training))
 
 
 def param_groups(model, weight_decay: float):
@@ -80,4 +124,5 @@ def build(model_args, weight_decay: float, task, cfg: dict):
 
     model = build_model(model_args, task, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=cfg)
+    log_attention_kernel(engine.module, engine.device, ds_config.precision_of(cfg))
     return engine

@@ -10,6 +10,7 @@ import torch
 
 from . import data, models, tasks
 from . import distributed as dist
+from . import engine as engines
 from .errors import UserError
 from .files import write_json_atomic
 
@@ -50,13 +51,24 @@ def _in_feature_order(gathered) -> dict[str, list]:
 
 
 def model_inputs(batch: dict, task, device) -> dict:
-    """The batch tensors the model takes (inputs and labels), on its device."""
+    """What the model takes from the batch (inputs and labels), tensors on its device. For an
+    unpadded model (task.packing set) also where the real tokens are, computed here on the CPU
+    unless the batch has it already (unpad.add_packing); `max_seqlen` stays a Python int."""
     wanted = set(task.model_input_names) | set(task.label_names())
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in wanted}
+    if task.packing is not None:
+        from .unpad import PACKING_KEYS, add_packing
+
+        if "cu_seqlens" not in batch:
+            batch = add_packing(dict(batch), **task.packing)
+        wanted |= set(PACKING_KEYS)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k in wanted}
 
 
 def evaluate_model(run) -> dict:
-    """`bertscale evaluate`: score an exported model on an eval set, no training, no optimizer."""
+    """`bertscale evaluate`: score an exported model on an eval set, no training, no optimizer;
+    unpadded as in training unless --no-unpad."""
+    from .unpad import packing_options
+
     dist.setup()
     tokenizer = models.load_tokenizer(run.model.model)
     config = models.load_config(run.model.model)
@@ -65,7 +77,9 @@ def evaluate_model(run) -> dict:
     if eval_set is None:
         raise UserError(f"--task {run.task}: no evaluation data; pass --eval-file (or --dataset)")
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    model = task.model_class().from_pretrained(run.model.model).to(device)
+    model = engines.choose_model_class(run.model, task, config).from_pretrained(run.model.model).to(device)
+    task.packing = packing_options(model)
+    engines.log_attention_kernel(model, device, "fp32", training=False)
     out = run.out
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`bertscale plan`: will it fit? Memory per GPU for ZeRO-2 / ZeRO-3 / ZeRO-3+offload, and a config.
+"""`bertscale plan`: will it fit? Memory per GPU for ZeRO-1 (one node, the `single_node` preset),
+ZeRO-2 / ZeRO-3 / ZeRO-3+offload, and a config.
 
 Model states come from DeepSpeed's own estimators (parameter counts only, so nothing is built on a
 GPU), activations from memory_model (checked against measurements in tests/test_plan.py). Works
@@ -29,8 +30,11 @@ PRESETS = {
     "bert-large-cased-whole-word-masking": dict(_LARGE, vocab_size=28996),
 }
 
-STAGES = ("ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
-STAGE_PRESET = {"ZeRO-2": "zero2", "ZeRO-3": "zero3", "ZeRO-3+offload": "zero3_offload"}
+# In the order they are recommended. ZeRO-1 is the single_node preset: offered for one node, and
+# only where each GPU holds the whole model states (no partitioning needed), so partitioning stays
+# for what does not fit.
+STAGES = ("ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
+STAGE_PRESET = {"ZeRO-1": "single_node", "ZeRO-2": "zero2", "ZeRO-3": "zero3", "ZeRO-3+offload": "zero3_offload"}
 MAX_MICRO_BATCH = 32
 # Below this many sequences per forward a GPU's matrix units idle; checkpointing (about a third more
 # compute) to run a bigger micro batch is then the faster choice.
@@ -80,10 +84,14 @@ def count_params(config, model_class: str = "BertForQuestionAnswering") -> tuple
 
 
 def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: int, precision: str) -> tuple[int, int]:
-    """(per GPU, per node's CPU) bytes of parameters, gradients and Adam states, from DeepSpeed."""
+    """(per GPU, per node's CPU) bytes of parameters, gradients and Adam states, from DeepSpeed.
+    ZeRO-1 is counted unpartitioned, as on one GPU: the single_node preset is for models whose
+    states each GPU can hold whole (on several GPUs ZeRO-1 needs less)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+    if stage == "ZeRO-1":
+        return model_state_bytes("ZeRO-2", total, largest, 1, 1, precision)
     if stage == "ZeRO-2":
         cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False)
     else:
@@ -108,7 +116,7 @@ def buffer_bytes(stage: str, precision: str) -> int:
     zero = ds_config.load(STAGE_PRESET[stage])[1]["zero_optimization"]
     p = memory_model.PRECISION_BYTES[precision]
     reduce = int(zero.get("reduce_bucket_size", 5e8)) * p
-    if stage == "ZeRO-2":  # overlap_comm double-buffers the gradient bucket
+    if stage in ("ZeRO-1", "ZeRO-2"):  # overlap_comm double-buffers the gradient bucket
         return reduce * (2 if zero.get("overlap_comm") else 1)
     return reduce + int(zero.get("stage3_prefetch_bucket_size", 5e7)) * p
 
@@ -188,7 +196,8 @@ def plan(
         return opt
 
     sizes = [cap] if micro_batch is not None else [2**k for k in range(int(math.log2(cap)), -1, -1)]
-    options = {stage: tuple(_largest_fitting(option, stage, ckpt, sizes) for ckpt in (False, True)) for stage in STAGES}
+    stages = STAGES if nodes == 1 else STAGES[1:]
+    options = {stage: tuple(_largest_fitting(option, stage, ckpt, sizes) for ckpt in (False, True)) for stage in stages}
     result = Plan(
         model,
         total,
@@ -246,10 +255,10 @@ def _largest_fitting(option, stage, ckpt, sizes):
 
 
 def _choose(options, good_micro_batch):
-    """The first stage (ZeRO-2, ZeRO-3, offload) that fits a good micro batch, checkpointing only
-    where it is needed for one; failing that, the first option that fits at all."""
-    fitting = [o for stage in STAGES for o in options[stage] if o.fits]
-    for stage in STAGES:
+    """The first stage (ZeRO-1 on one node, ZeRO-2, ZeRO-3, offload) that fits a good micro batch,
+    checkpointing only where it is needed for one; failing that, the first option that fits at all."""
+    fitting = [o for stage in options for o in options[stage] if o.fits]
+    for stage in options:
         plain, ckpt = options[stage]
         if plain.fits and plain.micro_batch >= good_micro_batch:
             return plain
@@ -313,7 +322,7 @@ def format_plan(p: Plan, output: str | None = None) -> str:
         f"{'GiB per GPU':<16}{'ckpt':>5}{'micro':>7}{'model states':>14}{'activations':>13}{'DS buffers':>12}"
         f"{'CUDA ctx':>10}{'total':>8}  fits  {'CPU RAM/node':>12}",
     ]
-    for stage in STAGES:
+    for stage in p.options:
         for opt in p.options[stage]:
             mark = "<- recommended" if opt is p.choice else ""
             lines.append(
@@ -326,9 +335,10 @@ def format_plan(p: Plan, output: str | None = None) -> str:
     if c is None:
         return "\n".join(lines)
     ckpt = "--gradient-checkpointing" if c.checkpointing else "--no-gradient-checkpointing"
+    why = f" (preset {STAGE_PRESET[c.stage]}: each GPU holds the whole model states)" if c.stage == "ZeRO-1" else ""
     lines += [
         "",
-        f"recommended: {c.stage}, micro batch {c.micro_batch}, gradient accumulation {p.grad_accum} "
+        f"recommended: {c.stage}{why}, micro batch {c.micro_batch}, gradient accumulation {p.grad_accum} "
         f"-> global batch {p.global_batch} ({c.micro_batch} x {p.grad_accum} x {world} GPUs), "
         f"activation checkpointing {'on' if c.checkpointing else 'off'}, {p.precision}",
         f"  {_command_line(p.task)} --model {p.model} "

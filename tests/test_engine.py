@@ -1,4 +1,5 @@
-"""Real DeepSpeed engines on CPU, 2 gloo ranks: ZeRO-2/3 x bf16/fp16/fp32 take steps and learn."""
+"""Real DeepSpeed engines on CPU, 2 gloo ranks: the presets (single_node's ZeRO-1, ZeRO-2/3) x
+bf16/fp16/fp32 take steps and learn, with the unpadded model."""
 
 import json
 
@@ -13,7 +14,13 @@ def steps_of(proc):
     return [json.loads(line.split("STEP ", 1)[1]) for line in proc.stdout.splitlines() if "STEP " in line]
 
 
-ENGINES = [("zero2", "bf16", "torch.bfloat16"), ("zero3", "bf16", "torch.bfloat16"), ("zero3", "fp32", "torch.float32")]
+ENGINES = [
+    ("zero2", "bf16", "torch.bfloat16"),
+    ("zero3", "bf16", "torch.bfloat16"),
+    ("zero3", "fp32", "torch.float32"),
+    ("single_node", "bf16", "torch.bfloat16"),
+]
+STAGE = {"zero2": 2, "zero3": 3, "single_node": 1}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,16 @@ def engine_steps() -> list[dict]:
 def test_engine_steps_and_loss_falls(engine_steps, ds_config, precision, dtype):
     rows = [r for r in engine_steps if r["combo"] == f"{ds_config}:{precision}"]
     assert len(rows) == 12
-    assert rows[0]["zero"] == int(ds_config[-1]) and rows[0]["dtype"] == dtype
+    assert rows[0]["zero"] == STAGE[ds_config] and rows[0]["dtype"] == dtype
+    assert rows[0]["model"] == "UnpaddedBertForQuestionAnswering"  # --unpad is the default
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
+    if STAGE[ds_config] < 3 and precision == "bf16":  # the presets' bf16.check_grad_overflow false reached ZeRO-1/2
+        assert rows[0]["check_grad_overflow"] is False, rows[0]
+
+
+def test_single_node_preset_is_zero1_with_fused_adam(engine_steps):
+    row = next(r for r in engine_steps if r["combo"] == "single_node:bf16")
+    assert (row["optimizer"], row["basic_optimizer"]) == ("DeepSpeedZeroOptimizer", "FusedAdam"), row
 
 
 def test_fp16_dynamic_loss_scale_backs_off(tmp_path):

@@ -131,26 +131,45 @@ def test_pretraining_estimate_within_20_percent_of_measured_peak(micro_batch, ch
     assert 0.8 < estimate / measured < 1.2, (estimate, measured)
 
 
-def test_recommends_zero2_when_it_fits_and_writes_a_deepspeed_config(tmp_path, capsys):
+def test_recommends_single_node_when_the_model_states_fit_one_gpu(tmp_path, capsys):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     out = tmp_path / "plan.json"
     result = plan_command(LARGE, gpus=1, gpu_memory="16GB", seq_len=384, output=str(out))
     c = result.choice
-    assert c.stage == "ZeRO-2" and not c.checkpointing and c.fits
+    assert c.stage == "ZeRO-1" and not c.checkpointing and c.fits
     assert c.micro_batch * result.grad_accum == 32 and c.micro_batch in (4, 8, 16, 32)
     assert c.total <= 16 * GiB * 0.9
     printed = capsys.readouterr().out
-    assert "recommended: ZeRO-2" in printed and "ZeRO-3+offload" in printed
+    assert "recommended: ZeRO-1 (preset single_node" in printed and "ZeRO-3+offload" in printed
     cfg = json.loads(out.read_text())
-    assert "auto" not in out.read_text()
+    assert "auto" not in out.read_text() and "_comment" not in out.read_text()
     ds = DeepSpeedConfig(cfg)  # DeepSpeed's own parser accepts it
     assert (ds.zero_optimization_stage, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (
-        2,
+        1,
         c.micro_batch,
         result.grad_accum,
     )
     assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
+    assert cfg["optimizer"]["type"] == "AdamW"
+
+
+def test_single_node_counts_the_model_states_unpartitioned():
+    total, largest = count_params(load_model_config(LARGE))
+    for gpus in (1, 8):
+        result = plan(LARGE, gpus, "80GB", 384, global_batch=256)
+        one_gpu = model_state_bytes("ZeRO-2", total, largest, 1, 1, "fp16")[0]
+        assert result.options["ZeRO-1"][0].model_states == one_gpu
+        assert result.choice.stage == "ZeRO-1"
+
+
+def test_zero2_when_the_model_states_need_partitioning():
+    """8 GPUs of 6 GB: BERT-large's states (20 bytes a parameter, 6.2 GiB) do not fit one GPU whole,
+    ZeRO-2 splits them 8 ways."""
+    result = plan(LARGE, gpus=8, gpu_memory="6GB", seq_len=384, global_batch=256, precision="bf16")
+    assert not any(o.fits for o in result.options["ZeRO-1"])
+    assert result.choice.stage == "ZeRO-2"
+    assert result.ds_config["zero_optimization"]["stage"] == 2
 
 
 def test_less_memory_moves_to_checkpointing_then_zero3_then_offload():
@@ -158,14 +177,16 @@ def test_less_memory_moves_to_checkpointing_then_zero3_then_offload():
     tight = plan(LARGE, 1, "9GB", 384).choice
     zero3 = plan(LARGE, 1, "8GB", 384).choice
     offload = plan(LARGE, 1, "4GB", 384).choice
-    assert (roomy.stage, roomy.micro_batch, roomy.checkpointing) == ("ZeRO-2", 32, False)
-    assert (tight.stage, tight.checkpointing) == ("ZeRO-2", True)
+    assert (roomy.stage, roomy.micro_batch, roomy.checkpointing) == ("ZeRO-1", 32, False)
+    assert (tight.stage, tight.checkpointing) == ("ZeRO-1", True)
     assert zero3.stage == "ZeRO-3"
     assert offload.stage == "ZeRO-3+offload"
 
 
 def test_multi_node_plan_splits_the_global_batch():
     result = plan(LARGE, gpus=4, gpu_memory="32GB", seq_len=384, nodes=2, global_batch=256)
+    assert "ZeRO-1" not in result.options  # the single_node preset is for one node
+    assert result.choice.stage == "ZeRO-2"
     assert result.global_batch == 256
     assert result.choice.micro_batch * result.grad_accum * 8 == 256
     assert result.ds_config["train_batch_size"] == 256

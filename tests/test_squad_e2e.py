@@ -182,3 +182,23 @@ def test_predict_gives_the_same_answers(run_dir):
         text=True,
     )
     assert proc.returncode == 0 and proc.stdout.startswith(f"answer: {predictions[qid]!r}  score: "), proc.stdout
+
+
+def test_unpadded_by_default_and_its_exports_load_in_stock_transformers(run_dir, tmp_path):
+    """The run trained the unpadded model (the default) and said which attention kernel it used; its
+    final/ and a `bertscale export` of its newest checkpoint name and load the stock class."""
+    from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
+
+    log = (run_dir / "stdout.txt").read_text()
+    assert "[bertscale] unpadded attention on cpu/float32: cpu_buckets in training (attention dropout 0.1" in log
+    proc = subprocess.run(
+        [sys.executable, "-m", "bertscale", "export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")],
+        cwd=ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model_dir in (run_dir / "final", tmp_path / "hf"):
+        assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["BertForQuestionAnswering"]
+        assert type(AutoModelForQuestionAnswering.from_pretrained(model_dir)) is BertForQuestionAnswering

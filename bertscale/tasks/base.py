@@ -48,6 +48,9 @@ class Task:
     default_max_seq_length = 128
     # Columns of the feature datasets that go to the model; the rest stay for post-processing.
     model_input_names = ("input_ids", "token_type_ids", "attention_mask")
+    # How the built model takes its batches: None (padded, as collated), or for an unpadded model
+    # (unpad/) add_packing's keywords. engine.build_model sets it; evaluation.model_inputs reads it.
+    packing: dict | None = None
 
     def __init__(
         self,

@@ -59,6 +59,10 @@ def train(config_name: str, precision: str, steps: int):
                         "skipped": engine.skipped_steps,
                         "zero": engines.zero_stage(cfg),
                         "dtype": str(next(engine.module.parameters()).dtype),
+                        "model": type(engine.module).__name__,
+                        "optimizer": type(engine.optimizer).__name__,
+                        "basic_optimizer": type(engine.basic_optimizer).__name__,
+                        "check_grad_overflow": getattr(engine.optimizer, "check_grad_overflow", None),
                     }
                 ),
                 flush=True,
