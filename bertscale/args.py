@@ -91,13 +91,19 @@ class DataArgs:
         minimum=1,
     )
     group_by_length: bool = opt(True, "Batch windows of similar length together (less padding).")
+    dataloader_workers: int | None = opt(
+        None,
+        "Processes per rank that build batches ahead of the step (default: the cores the node's ranks leave "
+        "free, at most 4; 0: in the rank itself).",
+        minimum=0,
+    )
 
 
 @dataclass
 class OptimArgs:
     ds_config: str = opt(
         "zero2",
-        "DeepSpeed JSON: a path, or a preset in ds_configs/ (zero2, zero3, zero3_offload, pretrain_lamb).",
+        "DeepSpeed JSON: a path, or a preset in ds_configs/ (single_node, zero2, zero3, zero3_offload, pretrain_lamb).",
         commands=ALL_RUN,
     )
     zero_stage: int | None = opt(None, "Override the ZeRO stage of --ds-config (0-3).", commands=ALL_RUN)

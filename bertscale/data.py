@@ -149,20 +149,20 @@ def plan_steps(rows: int | None, optim, world: int, description: str = "") -> St
     return StepPlan(steps_per_epoch, total)
 
 
-def epoch_batches(features, lengths, split: Split, seed: int, epoch: int, position, group_by_length: bool = True):
-    """(rows, samples in the epoch or None) for each of this rank's micro batches, in training order,
-    from `position` = (samples_in_epoch, the global batch the epoch's order was built with) on;
-    `lengths` None means `features` is a stream (its ranks read their own shards)."""
+def epoch_micro_batches(lengths, split: Split, seed: int, epoch: int, position, group_by_length: bool = True):
+    """(micro batches, samples in the epoch): this rank's micro batches still to train in the epoch,
+    from `position` = (samples_in_epoch, the global batch the epoch's order was built with) on, each as
+    (where its first row sits in the epoch's order, row ids). That place names the batch (loader.py
+    seeds its masking with it): the same for any split of the same global batch into ranks."""
     samples_in_epoch, epoch_batch = position
-    if lengths is None:
-        skip = samples_in_epoch // split.world  # rows of this rank's shard already trained
-        for rows in stream_batches(features, split.micro, split.world, split.rank, seed, epoch, skip):
-            yield rows, None
-        return
     order = epoch_order(lengths, epoch_batch, seed, epoch, group_by_length)
-    for batch in global_batches(order, samples_in_epoch, split.global_batch):
+    micro = []
+    for k, batch in enumerate(global_batches(order, samples_in_epoch, split.global_batch)):
+        start = samples_in_epoch + k * split.global_batch
         for slot in range(split.accum):
-            yield rows_of(features, micro_batch(batch, split, slot)), len(order)
+            j = slot * split.world + split.rank
+            micro.append((start + j * split.micro, micro_batch(batch, split, slot)))
+    return micro, len(order)
 
 
 def rows_of(dataset, ids) -> list[dict]:

@@ -17,6 +17,7 @@ import sys
 from typing import NoReturn
 
 _joined = False  # whether this process set up a process group (see exit_process)
+_cpu_group = None  # see cpu_group()
 
 
 def _from_slurm() -> None:
@@ -93,9 +94,11 @@ def teardown() -> None:
     still shutting down its gloo/NCCL connections (seen as a SIGABRT after a finished run)."""
     import torch.distributed as dist
 
+    global _cpu_group
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _cpu_group = None
     release_shm()
 
 
@@ -142,6 +145,14 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun and the deepspeed launcher say; srun: tasks on this node)."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return world_size()
 
 
 def local_rank() -> int:
@@ -199,6 +210,19 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def cpu_group():
+    """A process group for small CPU-side agreements (gloo; the default group when that is gloo
+    already), made on first use, by every rank at the same point; None without a process group."""
+    import torch.distributed as dist
+
+    global _cpu_group
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if _cpu_group is None:
+        _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _cpu_group
 
 
 def any_rank(flag: bool) -> bool:

@@ -1,67 +1,91 @@
-"""The input pipeline: batches read, collated (padding, masking, packing for unpadded models) and pinned
-in DataLoader worker processes, prefetched while the step before runs.
+"""The input pipeline: batches read, collated (padding, masking, packing for unpadded models) and
+pinned in DataLoader worker processes, prefetched while the step before runs.
 
-Which rows make batch i is data.py's decision; what a batch holds is a pure function of the seed,
-the epoch, the rank and i (collate's randomness, MLM masking, is seeded per batch), so a resumed
-run rebuilds exactly the batches it would have seen, in whatever process they are built.
+Which rows make a batch is data.py's decision; what a batch holds is a pure function of the seed,
+the epoch and where the batch starts in the epoch's order (collate's randomness, MLM masking, is
+seeded per batch), so a resumed run rebuilds exactly the batches it would have seen, whichever
+process builds them and however the global batch is split into ranks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import data
 
 
-def default_workers(world_size_here: int) -> int:
-    """Worker processes per rank: the cores this rank does not need for its own step, at most 4. On a
-    CPU-only box where every core already runs a rank this is 0 (batches are built in the rank itself)."""
+def default_workers(local_ranks: int) -> int:
+    """Worker processes per rank: the cores the ranks of this node leave free, at most 4 each. On a
+    CPU-only box where every core already runs a rank this is 0: batches are built in the rank."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cores // max(world_size_here, 1) - 1))
+    return max(0, min(4, cores // max(local_ranks, 1) - 1))
 
 
-def batch_seed(seed: int, epoch: int, rank: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{rank}:{index}".encode(), digest_size=8).digest()
+def batch_seed(seed: int, epoch: int, position: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class Batches(torch.utils.data.Dataset):
-    """Item i: the collated batch of the i-th row-id list, built with torch's RNG seeded for that batch."""
+def build(rows: list[dict], collate: Callable, seed: int) -> dict:
+    """A collated batch, its randomness drawn from `seed` (the caller's own RNG stream is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return collate(rows)
 
-    def __init__(self, features, batches: list[list[int]], collate: Callable, seed: int, epoch: int, rank: int,
-                 finish: Callable | None = None):
-        self.features, self.batches, self.collate, self.finish = features, batches, collate, finish
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+class Batches(torch.utils.data.Dataset):
+    """Item i: the collated batch of micro batch i, a (position in the epoch's order, row ids) pair."""
+
+    def __init__(self, features, micro_batches: list, collate: Callable, seed: int, epoch: int):
+        self.features, self.micro_batches, self.collate = features, micro_batches, collate
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.micro_batches)
 
     def __getitem__(self, i: int) -> dict:
-        rows = data.rows_of(self.features, self.batches[i])
-        with torch.random.fork_rng(devices=[]):  # the training process's own RNG stream is left alone
-            torch.manual_seed(batch_seed(self.seed, self.epoch, self.rank, i))
-            batch = self.collate(rows)
-        return self.finish(batch) if self.finish else batch
+        position, ids = self.micro_batches[i]
+        return build(data.rows_of(self.features, ids), self.collate, batch_seed(self.seed, self.epoch, position))
 
 
-def iterate(source: Batches, start: int, workers: int, pin_memory: bool):
-    """(i, batch) for i = start, start + 1, ...: built `workers` processes ahead of the caller (in the
-    calling process when workers is 0), pinned for non-blocking copies to the GPU."""
-    indices = range(start, len(source))
-    if workers == 0:
-        for i in indices:
-            batch = source[i]
-            yield i, _pinned(batch) if pin_memory else batch
+def train_epoch(
+    features,
+    lengths,
+    split,
+    seed: int,
+    epoch: int,
+    position,
+    group_by_length: bool,
+    collate: Callable,
+    workers: int = 0,
+    pin_memory: bool = False,
+):
+    """(batch, samples in the epoch or None) for this rank's micro batches still to train in the epoch;
+    `lengths` None means `features` is a stream, read here by every rank in step (it cannot be split
+    across worker processes and resumed)."""
+    if lengths is None:
+        skip = position[0] // split.world  # rows of this rank's shard already trained
+        stream = data.stream_batches(features, split.micro, split.world, split.rank, seed, epoch, skip)
+        for i, rows in enumerate(stream):
+            yield _pinned(build(rows, collate, batch_seed(seed, epoch, skip + i)), pin_memory), None
         return
-    loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=indices, num_workers=workers,
-                                         pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False,
-                                         multiprocessing_context="fork")
-    yield from zip(indices, loader)
+    micro, epoch_samples = data.epoch_micro_batches(lengths, split, seed, epoch, position, group_by_length)
+    source = Batches(features, micro, collate, seed, epoch)
+    if workers == 0:
+        batches = (_pinned(source[i], pin_memory) for i in range(len(source)))
+    else:
+        batches = torch.utils.data.DataLoader(
+            source, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2
+        )
+    for batch in batches:
+        yield batch, epoch_samples
 
 
-def _pinned(batch: dict) -> dict:
+def _pinned(batch: dict, pin: bool) -> dict:
+    if not pin:
+        return batch
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

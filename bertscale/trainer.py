@@ -6,6 +6,7 @@ evaluation and checkpoint, export of the best or last model to final/, summary).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, ds_config, models, tasks
+from . import checkpoint, data, ds_config, loader, models, tasks
 from . import distributed as dist
 from . import engine as engines
 from .args import Run
@@ -83,6 +84,9 @@ class Training:
     state: TrainState
     best_metric: str  # the metric that picks the best model
     keep_best: bool  # final/ is the best evaluated model (else the last one)
+    collate: Any  # rows -> a model batch (the task's collate, plus packing for an unpadded model)
+    loader_workers: int  # processes per rank building batches ahead (0: in the rank itself)
+    pin_memory: bool
     early_stopped: bool = False
     loss: dict = field(default_factory=dict)  # sums since the last log line (tensors: no sync per step)
 
@@ -143,6 +147,11 @@ def setup(run: Run) -> Training:
         state=state,
         best_metric=task.main_metric,
         keep_best=keep_best,
+        collate=functools.partial(collate_batch, task),
+        loader_workers=loader.default_workers(dist.local_world_size())
+        if run.data.dataloader_workers is None
+        else run.data.dataloader_workers,
+        pin_memory=torch.cuda.is_available(),
     )
     if dist.is_main():
         print(
@@ -208,12 +217,22 @@ def fit(t: Training) -> None:
     engine.train()  # from_pretrained returns the model in eval mode: no dropout until this call
     skipped_before = engine.skipped_steps
     while state.step < t.steps.total_steps and not t.early_stopped:
+        # batches built (rows read, collated, packed, pinned) ahead of the step, in worker processes
         position = (state.samples_in_epoch, state.epoch_batch)
-        for rows, epoch_samples in data.epoch_batches(
-            t.train_feats, t.lengths, t.split, run.optim.seed, state.epoch, position, run.data.group_by_length
-        ):
+        batches = loader.train_epoch(
+            t.train_feats,
+            t.lengths,
+            t.split,
+            run.optim.seed,
+            state.epoch,
+            position,
+            run.data.group_by_length,
+            t.collate,
+            t.loader_workers,
+            pin_memory=t.pin_memory,
+        )
+        for batch, epoch_samples in batches:
             # forward, backward and step: DeepSpeed accumulates and steps every grad_accum micro batches
-            batch = task.collate(rows)
             t.speed.add(batch)
             output = engine(**model_inputs(batch, task, engine.device))
             engine.backward(output.loss)
@@ -313,6 +332,17 @@ def prepare_output_dir(run: Run, task, record: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "run_config.json", record)
     dist.barrier()
+
+
+def collate_batch(task, rows: list[dict]) -> dict:
+    """A model batch from rows: the task's collate, and for an unpadded model where its real tokens are
+    (computed here, on the CPU side, so the step itself needs no device sync to find them)."""
+    batch = task.collate(rows)
+    if task.packing is not None:
+        from .unpad import add_packing
+
+        add_packing(batch, **task.packing)
+    return batch
 
 
 def add_losses(sums: dict, loss, parts: dict) -> None:

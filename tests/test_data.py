@@ -45,25 +45,18 @@ def test_length_grouping_puts_similar_lengths_together():
     assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # same rows, new order
 
 
-class Rows(dict):
-    """A datasets.Dataset's columnar read of rows [i] * 3."""
-
-    def __getitem__(self, ids):
-        return {"input_ids": [[i] * 3 for i in ids]}
-
-
 def resumed_rows(split, position, epoch=0) -> list[list[int]]:
     """The row ids of this rank's micro batches from `position` on."""
-    return [
-        [r["input_ids"][0] for r in rows] for rows, _ in data.epoch_batches(Rows(), LENGTHS, split, 3, epoch, position)
-    ]
+    return [ids for _, ids in data.epoch_micro_batches(LENGTHS, split, 3, epoch, position)[0]]
 
 
 def test_resume_starts_at_the_sample_it_stopped_at():
     split = data.Split(micro=8, accum=1, world=2, rank=1)
-    full = list(data.epoch_batches(Rows(), LENGTHS, split, seed=3, epoch=0, position=(0, 16)))
-    assert resumed_rows(split, (5 * 16, 16)) == [[r["input_ids"][0] for r in rows] for rows, _ in full[5:]]
-    assert {n for _, n in full} == {len(LENGTHS) // 16 * 16}  # samples in the epoch's order
+    full, samples = data.epoch_micro_batches(LENGTHS, split, seed=3, epoch=0, position=(0, 16))
+    resumed, _ = data.epoch_micro_batches(LENGTHS, split, seed=3, epoch=0, position=(5 * 16, 16))
+    assert resumed == full[5:]  # the same rows, named by the same places in the epoch's order
+    assert samples == len(LENGTHS) // 16 * 16  # samples in the epoch's order
+    assert [p for p, _ in full[:3]] == [8, 24, 40]  # rank 1's micro batch starts 8 rows into each global batch
 
 
 def old_train_batches(lengths, micro, world, rank, seed, epoch, group_by_length=True):
