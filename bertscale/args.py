@@ -124,7 +124,10 @@ class OptimArgs:
         "resumed on another number of GPUs or nodes keeps its global batch.",
         minimum=1,
     )
-    warmup_ratio: float = opt(0.1, "Share of steps with linear warmup.")
+    warmup_ratio: float = opt(0.1, "Share of steps with linear warmup (see --warmup-steps).")
+    warmup_steps: int | None = opt(
+        None, "Steps of linear warmup, as recipes give it (overrides --warmup-ratio).", minimum=0
+    )
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
     seed: int = opt(42, "Random seed (data order, held-out split, NSP pairs, masking, dropout).", commands=WITH_PREPARE)

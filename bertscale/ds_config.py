@@ -235,7 +235,8 @@ def fill_schedule(cfg: dict, optim, total_steps: int) -> dict:
     """A copy of cfg with the learning-rate schedule's lengths filled: warmup and total steps."""
     cfg = copy.deepcopy(cfg)
     sched = _section(cfg, "scheduler").get("params", {})
-    warmup = max(1, int(optim.warmup_ratio * total_steps))  # DeepSpeed rejects 0
+    steps = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
+    warmup = max(1, steps)  # DeepSpeed rejects 0
     _set_auto(sched, "warmup_num_steps", warmup)
     _set_auto(sched, "total_num_steps", max(total_steps, warmup + 1))
     return cfg

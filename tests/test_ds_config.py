@@ -120,3 +120,11 @@ def test_accepted_keys_come_from_the_installed_deepspeed(tmp_path):
     raw["zero_optimization"]["_comment"] = "overlap on"
     cfg = fill(raw, tmp_path, micro_batch_size=8)
     assert cfg["gradient_predivide_factor"] == 2.0 and cfg["checkpoint"] == {"load_universal": False}
+
+
+def test_warmup_in_steps_overrides_the_ratio():
+    path, raw = ds_config.load("zero2")
+    cfg = ds_config.fill(path, raw, OptimArgs(warmup_steps=37, warmup_ratio=0.5), world_size=1, total_steps=1000)
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 37
+    cfg = ds_config.fill(path, raw, OptimArgs(warmup_ratio=0.5), world_size=1, total_steps=1000)
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 500
