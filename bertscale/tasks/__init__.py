@@ -52,7 +52,7 @@ def preparing() -> list[type]:
 
 def names() -> list[str]:
     """The registered task names as a user types them (a pattern "glue:*" as "glue:<name>")."""
-    return [name.replace(":*", ":<name>") for cls in builtin() for name in cls.names]
+    return sorted(name.replace(":*", ":<name>") for cls in builtin() for name in cls.names)
 
 
 def is_user_spec(spec: str) -> bool:
