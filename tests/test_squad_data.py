@@ -58,7 +58,7 @@ def test_demo_files_have_the_hub_columns():
     train = _load(DEMO_DIR / "train.json")
     dev = _load(DEMO_DIR / "dev.json", training=False)
     assert train.column_names == ["id", "title", "context", "question", "answers"]
-    assert (len(train), len(dev)) == (406, 205)
+    assert (len(train), len(dev)) == (2009, 403)
     row = train[0]
     text, start = row["answers"]["text"][0], row["answers"]["answer_start"][0]
     assert row["context"][start : start + len(text)] == text
