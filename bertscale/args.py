@@ -168,6 +168,12 @@ class LogArgs:
     )
     run_name: str | None = opt(None, "Run name in W&B and logs (default: output dir name).")
     peak_tflops: float | None = opt(None, "Device peak TFLOP/s for MFU (default: known GPU table).")
+    verbose: bool = opt(
+        False,
+        "Show the libraries' own log lines, progress bars and warnings, and every rank's start line "
+        "(also BERTSCALE_LOG=debug).",
+        commands=WITH_PREPARE,
+    )
 
 
 # (attribute of Run, class, heading in --help)

@@ -18,6 +18,7 @@ import os
 
 import click
 
+from bertscale import console
 from bertscale.cli_options import RunCommand, predict_options
 from bertscale.errors import PreemptedExit, UserError
 
@@ -60,6 +61,7 @@ def main(local_rank):
     """Train BERT at scale with DeepSpeed: SQuAD/classification fine-tuning and MLM/NSP pretraining."""
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    console.setup("--verbose" in sys.argv[1:])  # before the libraries load (the command parses --verbose later)
 
 
 @main.command(cls=RunCommand, command_key="finetune")

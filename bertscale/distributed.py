@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import NoReturn
 
+from . import console
+
 _joined = False  # whether this process set up a process group (see exit_process)
 _cpu_group = None  # see cpu_group()
 
@@ -78,15 +80,30 @@ def setup(local_rank_flag: int | None = None) -> None:
     if backend not in ("nccl", "gloo", "hccl", "xccl"):
         backend = "gloo"  # the CPU accelerator says 'ccl' when oneCCL is absent; gloo always works
     timeout = datetime.timedelta(seconds=int(os.environ.get("BERTSCALE_DIST_TIMEOUT", "600")))
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    with console.quiet_output():  # DeepSpeed prints that it built its shared-memory op, on every rank
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    console.after_import()
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank())
-    print(
-        f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {socket.gethostname()} "
-        f"backend {backend}",
-        file=sys.stderr,
-        flush=True,
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if console.verbose():
+        print(f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {host}", file=sys.stderr)
+    hosts = [None] * world_size()
+    dist.all_gather_object(hosts, host)
+    if is_main():
+        print(f"[bertscale] {_placement(hosts)}, backend {backend}", file=sys.stderr, flush=True)
+
+
+def _placement(hosts: list[str]) -> str:
+    """'4 ranks on 2 hosts (a: 0-1, b: 2-3)': where each rank runs, in one line."""
+    ranks: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        ranks.setdefault(h, []).append(r)
+    spans = ", ".join(f"{h}: {rs[0]}" + (f"-{rs[-1]}" if len(rs) > 1 else "") for h, rs in list(ranks.items())[:8]) + (
+        ", ..." if len(ranks) > 8 else ""
     )
+    n = len(hosts)
+    return f"{n} rank{'s' * (n != 1)} on {len(ranks)} host{'s' * (len(ranks) != 1)} ({spans})"
 
 
 def teardown() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .errors import UserError, first_line
@@ -66,9 +67,38 @@ def build_model(name: str, model_class, **overrides):
         return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     try:
         # A classifier head with another label count is re-initialised, as users expect.
-        return model_class.from_pretrained(name, config=config, ignore_mismatched_sizes="num_labels" in overrides)
+        model, info = model_class.from_pretrained(
+            name, config=config, ignore_mismatched_sizes="num_labels" in overrides, output_loading_info=True
+        )
     except (OSError, ValueError) as e:
         raise UserError(_missing(name, e)) from None
+    _say_what_is_new(name, info)
+    return model
+
+
+def _say_what_is_new(name: str, info: dict) -> None:
+    """transformers' load report, in one line on rank 0: the weights this task adds (trained from
+    scratch) and, with --verbose, the checkpoint's weights it leaves out (e.g. the pooler)."""
+    from . import console, distributed
+
+    if not distributed.is_main():
+        return
+    mismatched = (k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ()))
+    new = _modules(info.get("missing_keys", ())) + _modules(mismatched)
+    if new:
+        print(
+            f"[bertscale] {', '.join(new)}: new (not in the pretrained model), trained from scratch on this task",
+            file=sys.stderr,
+            flush=True,
+        )
+    unused = _modules(info.get("unexpected_keys", ()))
+    if unused and console.verbose():
+        print(f"[bertscale] unused weights of {name}: {', '.join(unused)}", file=sys.stderr)
+
+
+def _modules(keys) -> list[str]:
+    """'qa_outputs.weight', 'qa_outputs.bias' -> ['qa_outputs']."""
+    return sorted({k.rsplit(".", 1)[0] for k in keys})
 
 
 def _tiny_vocab_size() -> int:

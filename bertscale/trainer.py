@@ -289,21 +289,16 @@ def finish(t: Training) -> dict:
     if dist.is_main():
         checkpoint.export(checkpoint.root(out) / chosen, out / "final")
         t.task.save_extra(out / "final")
-        print(f"[bertscale] exported {chosen} to {out / 'final'}", file=sys.stderr)
         final_metrics = publish_eval_files(out / "evals" / chosen, out)
-        if final_metrics:
-            print(
-                "[bertscale] final: "
-                + " ".join(f"{k}={v:.4g}" for k, v in final_metrics.items() if isinstance(v, (int, float))),
-                flush=True,
-            )
+    shown = " ".join(f"{k}={v:.4g}" for k, v in final_metrics.items() if isinstance(v, (int, float)) and k != "step")
     t.tracker.summary(
         {
             **{f"final_{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
             "best_metric": state.best_metric,
             "steps": state.step,
             **t.speed.summary(),
-        }
+        },
+        final=f"final: {shown} ({chosen}, exported to final/)" if shown else f"final: {chosen}, exported to final/",
     )
     t.tracker.finish()
     dist.barrier()

@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .. import console
 from ..errors import UserError
 from .safe_load import safe_load
 from .save import latest
@@ -28,7 +29,8 @@ def consolidated_state_dict(ckpt: Path) -> dict:
         # (memory-mapped, so cheap), so a checkpoint with foreign objects is refused before that.
         for f in ckpt.glob("*.pt"):
             safe_load(f, map_location="cpu", mmap=zipfile.is_zipfile(f))
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with console.quiet_output():  # its "Processing zero checkpoint ..." lines and progress bars
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     module_file = ckpt / "mp_rank_00_model_states.pt"
     if not module_file.is_file():
         raise UserError(f"{ckpt}: no DeepSpeed model states found")
@@ -64,7 +66,8 @@ def export(ckpt, output) -> Path:
         )
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with console.quiet_output():  # transformers' "Writing model shards" progress bar
+        model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(hf).save_pretrained(tmp)
     if output.exists():
         shutil.rmtree(output)

@@ -39,6 +39,7 @@ class Tracker:
         self.active = dist.is_main()
         self.total_steps, self.start_step, self.step = total_steps, start_step, start_step
         self.wandb = None
+        self.wandb_where = None
         self.bar = None
         self.start = time.time()
         self.train_rows: list[dict] = []
@@ -100,11 +101,21 @@ class Tracker:
             mode, why = "offline", "online start failed"
             wandb.teardown()  # the failed online run still holds the run id in wandb's service
             self.wandb = wandb.init(mode=mode, **kwargs)
+        self.wandb_where = self._where(mode)
         print(
-            f"[bertscale] W&B {mode} ({why}); run id {run_id}" + (" (continuing the same run)" if resumed else ""),
+            f"[bertscale] W&B {mode} ({why}); run id {run_id}"
+            + (" (continuing the same run)" if resumed else "")
+            + f"; {self.wandb_where}",
             file=sys.stderr,
             flush=True,
         )
+
+    def _where(self, mode: str) -> str:
+        """Where a person finds the W&B run: its page, or its offline folder and how to upload it."""
+        if mode == "online" and getattr(self.wandb, "url", None):
+            return self.wandb.url
+        run_dir = Path(self.wandb.dir).parent  # .../wandb/offline-run-<time>-<id>/files
+        return f"saved in {run_dir} (upload: wandb sync {run_dir})"
 
     def log(self, step: int, row: dict) -> None:
         if not self.active:
@@ -127,7 +138,10 @@ class Tracker:
             return
         if self.bar is not None:
             self.bar.set_postfix(
-                loss=f"{row['loss']:.4f}", samples_s=f"{row.get('samples_per_s', 0):.1f}", refresh=False
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row.get('lr', 0):.3g}",
+                samples_s=f"{row.get('samples_per_s', 0):.1f}",
+                refresh=False,
             )
             self.bar.update(step - self.bar.n)
             if step >= self.total_steps:  # done: later lines (final eval, export) go below the bar
@@ -147,9 +161,10 @@ class Tracker:
         else:
             print(f"[bertscale] {msg}", file=sys.stderr, flush=True)
 
-    def summary(self, values: dict) -> None:
+    def summary(self, values: dict, final: str = "") -> None:
         """Final numbers: the caller's (final/best metrics, mean throughput) plus peak memory and
-        total time; into the W&B summary, a "summary" row of metrics.jsonl and one printed line."""
+        total time; into the W&B summary, a "summary" row of metrics.jsonl and the printed end block.
+        `final`: the block's first line (the chosen model's metrics), if any."""
         if not self.active:
             return
         values = {k: _finite(v) for k, v in values.items()}
@@ -165,10 +180,15 @@ class Tracker:
             ("mean_mfu", "MFU {:.1%}"),
         )
         speed = ", ".join(fmt.format(values[k]) for k, fmt in units if k in values)
-        print(
-            f"[bertscale] throughput: {speed or 'not measured'}; total time {_duration(values['total_time_s'])}",
-            flush=True,
-        )
+        out = self.metrics_path.parent
+        block = [
+            final,
+            f"speed: {speed or 'not measured'}; total time {_duration(values['total_time_s'])}",
+            f"model: {out / 'final'}",
+            f"metrics: {self.metrics_path}; plots: bertscale report {out}",
+            f"W&B: {self.wandb_where}" if self.wandb_where else "",
+        ]
+        print("\n".join(f"[bertscale] {line}" for line in block if line), flush=True)
 
     def _memory_summary(self) -> dict:
         out = {}
