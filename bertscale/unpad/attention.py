@@ -147,57 +147,59 @@ def _nested_sdpa(query, key, value, packing: Packing, dropout_p, scale):
 class _Bucket:
     rows: int
     width: int
-    gather: torch.Tensor  # [rows * width]: the packed token at each slot of the padded grid, or a zero row
-    grid: torch.Tensor  # grid slots of the bucket's real tokens, in packed order
     key_mask: torch.Tensor | None  # [rows, 1, 1, width], True = real key; None when no padding
 
 
+@dataclass
+class _Grids:
+    """The buckets' padded grids, one after another in one flat [size, ...] tensor."""
+
+    buckets: list[_Bucket]
+    slots: torch.Tensor  # [tokens]: the grid slot of each packed token
+    size: int  # slots in all grids, padding included
+
+
 def _cpu_buckets(query, key, value, packing: Packing, dropout_p, scale):
-    if "buckets" not in packing.cache:
-        packing.cache["buckets"] = _make_buckets(packing.cu_seqlens, CPU_BUCKETS)
-    buckets, restore = packing.cache["buckets"]
-    # Few, large ops: one gather per bucket for q, k and v together (a CPU step is many small ops otherwise).
-    qkv = torch.stack((query, key, value), dim=1)  # [tokens, 3, heads, dim]
-    qkv = torch.cat((qkv, qkv.new_zeros(1, *qkv.shape[1:])))  # + the zero row that padding slots gather
+    if "grids" not in packing.cache:
+        packing.cache["grids"] = _make_grids(packing.cu_seqlens, CPU_BUCKETS)
+    g = packing.cache["grids"]
+    heads = query.shape[1:]
+    # One scatter into zeros per tensor and a split into buckets: a CPU step is many small ops
+    # otherwise, and slicing per bucket would give each slice a gradient the size of the whole grid.
+    sizes = [b.rows * b.width for b in g.buckets]
+    grids = [x.new_zeros(g.size, *heads).index_copy(0, g.slots, x).split(sizes) for x in (query, key, value)]
     outs = []
-    for b in buckets:
-        grid = qkv.index_select(0, b.gather).view(b.rows, b.width, *qkv.shape[1:])
-        q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # [rows, heads, width, dim] each
+    for b, q, k, v in zip(g.buckets, *grids):
+        q, k, v = (t.view(b.rows, b.width, *heads).transpose(1, 2) for t in (q, k, v))  # [rows, heads, width, dim]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=b.key_mask, dropout_p=dropout_p, scale=scale)
-        outs.append(out.transpose(1, 2).reshape(b.rows * b.width, *query.shape[1:]).index_select(0, b.grid))
-    return torch.cat(outs).index_select(0, restore)
+        outs.append(out.transpose(1, 2).reshape(b.rows * b.width, *heads))
+    return torch.cat(outs).index_select(0, g.slots)
 
 
-def _make_buckets(cu_seqlens: torch.Tensor, max_buckets: int) -> tuple[list[_Bucket], torch.Tensor]:
-    """Rows sorted by length and cut into up to `max_buckets` groups of equal row count."""
+def _make_grids(cu_seqlens: torch.Tensor, max_buckets: int) -> _Grids:
+    """Rows sorted by length and cut into up to `max_buckets` groups of equal row count, each padded
+    to its own longest row."""
     cu = cu_seqlens.long()
     device = cu.device
     lengths = cu.diff()
     batch = lengths.shape[0]
     per_bucket = math.ceil(batch / min(max_buckets, batch))
     by_length = torch.argsort(lengths, stable=True)
-    rank = torch.empty_like(by_length)
-    rank[by_length] = torch.arange(batch, device=device)
     token_row = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
-    total = token_row.shape[0]
-    token_col = torch.arange(total, device=device) - cu[:-1][token_row]
-    token_bucket, token_slot = (rank // per_bucket)[token_row], (rank % per_bucket)[token_row]
-    buckets, bucket_tokens = [], []
+    token_col = torch.arange(token_row.shape[0], device=device) - cu[:-1][token_row]
+    row_offset = torch.empty(batch, dtype=torch.long, device=device)  # first grid slot of each row
+    buckets, size = [], 0
     for first in range(0, batch, per_bucket):
         rows = by_length[first : first + per_bucket]
         row_lengths = lengths[rows]
         width = int(row_lengths.max())
-        tokens = torch.nonzero(token_bucket == first // per_bucket, as_tuple=False).flatten()
-        grid = token_slot[tokens] * width + token_col[tokens]
-        gather = torch.full((rows.shape[0] * width,), total, dtype=torch.long, device=device)
-        gather[grid] = tokens
+        row_offset[rows] = size + torch.arange(rows.shape[0], device=device) * width
         key_mask = None
         if int(row_lengths.min()) < width:
             key_mask = (torch.arange(width, device=device)[None] < row_lengths[:, None])[:, None, None, :]
-        buckets.append(_Bucket(rows.shape[0], width, gather, grid, key_mask))
-        bucket_tokens.append(tokens)
-    restore = torch.argsort(torch.cat(bucket_tokens))
-    return buckets, restore
+        buckets.append(_Bucket(rows.shape[0], width, key_mask))
+        size += rows.shape[0] * width
+    return _Grids(buckets, row_offset[token_row] + token_col, size)
 
 
 _KERNELS = {
