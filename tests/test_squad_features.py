@@ -70,8 +70,9 @@ def test_every_labelled_span_decodes_to_the_answer(which, request, demo):
         decoded = example["context"][offsets[s][0] : offsets[e][1]]
         assert text in decoded
         exact += decoded == text
-    # Answers are far shorter than the 24-token overlap, so every one lies whole in some window.
-    assert labelled_ids == set(by_id)
+    # An answer no longer than the 24-token overlap lies whole in some window: each of those is labelled.
+    short = {i for i, ex in by_id.items() if len(tokenizer.tokenize(ex["answers"]["text"][0])) <= WINDOW["doc_stride"]}
+    assert short <= labelled_ids and len(short) > 0.98 * len(by_id)
     assert exact >= 0.97 * sum(1 for _ in train.filter(lambda r: r["start_positions"] > 0))
 
 

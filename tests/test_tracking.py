@@ -339,7 +339,7 @@ def test_wandb_summary_has_final_best_throughput_and_time(main_run, wandb_segmen
         assert summary[key] == pytest.approx(jsonl_summary[0][key], rel=1e-9), key
     assert summary["steps"] == 8 and summary["total_time_s"] > 0
     assert next(r for r in records if r["type"] == "exit")["exit"].get("exit_code", 0) == 0
-    assert "[bertscale] throughput:" in main_run["first"].stdout
+    assert "[bertscale] speed: " in main_run["first"].stdout
 
 
 @pytest.mark.slow
