@@ -85,6 +85,8 @@ def setup(local_rank_flag: int | None = None) -> None:
     console.after_import()
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank())
+    else:
+        share_cpu_cores()
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     if console.verbose():
         print(f"[bertscale] rank {rank()}/{world_size()} local_rank {local_rank()} host {host}", file=sys.stderr)
@@ -92,6 +94,17 @@ def setup(local_rank_flag: int | None = None) -> None:
     dist.all_gather_object(hosts, host)
     if is_main():
         print(f"[bertscale] {_placement(hosts)}, backend {backend}", file=sys.stderr, flush=True)
+
+
+def share_cpu_cores() -> None:
+    """On CPU, give each rank its share of the node's cores, unless OMP_NUM_THREADS says otherwise:
+    torch's default (every core, in every rank) oversubscribes the node N-fold."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_world_size()))
 
 
 def _placement(hosts: list[str]) -> str:

@@ -16,7 +16,7 @@ start=$(date +%s)
   --ds-config zero2 --max-seq-length 256 --doc-stride 128 --micro-batch-size 8 \
   --learning-rate 2e-4 --warmup-steps 25 --epochs 2 --log-every 10 --save-every 0 "$@"
 
-echo "[demo] three held-out questions, answered by bertscale predict --model $OUT/final --question Q --context C:"
-"$BIN/python" examples/demo_questions.py "$OUT/final" $DATA/dev.json
+echo "[demo] held-out questions, answered by bertscale predict --model $OUT/final --question Q --context C:"
+"$BIN/python" examples/demo_questions.py "$OUT/final" $DATA/dev.json "${DEMO_QUESTIONS:-3}"
 echo "[demo] plots (bertscale report $OUT): $("$BIN/bertscale" report "$OUT" | xargs -n1 basename | tr '\n' ' ')"
 echo "[demo] done in $(( $(date +%s) - start )) s"

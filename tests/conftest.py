@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,14 +121,24 @@ def _prepared_cache(tmp_path_factory):
         os.environ["BERTSCALE_PREPARED_CACHE"] = before
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_shm_leftovers():
-    """Remove DeepSpeed shared-memory buffers left by ranks that tests killed on purpose."""
-    import time
+_SESSION_START = time.time() - 1
 
-    start = time.time() - 1
-    yield
+
+def pytest_sessionfinish(session):
+    """Remove DeepSpeed shared-memory buffers left by ranks that tests killed on purpose; once, in
+    the controller, after every worker is done (a worker's ranks may still be using theirs)."""
+    if hasattr(session.config, "workerinput"):
+        return
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         with contextlib.suppress(OSError):
-            if os.path.getmtime(f) >= start:
+            if os.path.getmtime(f) >= _SESSION_START:
                 os.remove(f)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two xdist workers (`--dist loadgroup`): a test file stays on one worker, so its
+    module fixtures (a training run that several tests read) are built once; both Slurm files share
+    one worker, since each starts a local cluster."""
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("slurm" if "slurm" in name else name))
