@@ -104,7 +104,7 @@ def device_batches(t, count: int) -> list[dict]:
     return out
 
 
-def bare_loop(t, batches: list[dict], args):
+def bare_loop(t, args):
     """A plain copy of the engine's model and a fused AdamW: a step over pre-built device tensors."""
     model = type(t.engine.module)(t.engine.module.config).to(t.engine.device)
     model.load_state_dict(t.engine.module.state_dict())
@@ -112,11 +112,11 @@ def bare_loop(t, batches: list[dict], args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
-    def steps(count: int) -> list[float]:
+    def steps(batches: list[dict]) -> list[float]:
         stamps = []
-        for i in range(count + 1):
+        for batch in batches:
             with torch.autocast(t.engine.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batches[i % len(batches)]).loss
+                loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -138,12 +138,12 @@ def padding_share(batches: list[dict], unpad: bool) -> tuple[float, int]:
 def measure(model: str, unpad: bool, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t, stamps = bertscale_training(resolve(model), unpad, args, Path(tmp))
-        batches = device_batches(t, args.steps + 1)
-        bare = bare_loop(t, batches, args)
+        batches = device_batches(t, args.rounds * args.steps)  # the ones bertscale's rounds train on
+        bare = bare_loop(t, args)
         ours, theirs = [], []
-        for _ in range(args.rounds):  # alternating, so machine noise hits both alike
+        for r in range(args.rounds):  # alternating, so machine noise hits both alike
             ours += run_round(t, stamps, args.steps)
-            theirs += bare(args.steps)
+            theirs += bare(batches[r * args.steps : (r + 1) * args.steps])
         t.tracker.finish()
     padding, real_tokens = padding_share(batches, unpad)
     a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
