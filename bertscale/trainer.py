@@ -148,7 +148,7 @@ def setup(run: Run) -> Training:
         best_metric=task.main_metric,
         keep_best=keep_best,
         collate=functools.partial(collate_batch, task),
-        loader_workers=loader.default_workers(dist.local_world_size())
+        loader_workers=loader.default_workers(dist.local_world_size(), engine.device.type)
         if run.data.dataloader_workers is None
         else run.data.dataloader_workers,
         pin_memory=torch.cuda.is_available(),
