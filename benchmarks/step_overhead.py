@@ -1,17 +1,21 @@
 """What bertscale's training loop costs on top of the model's own work.
 
     python benchmarks/step_overhead.py                      # tiny and MiniLM, seq 384, micro batch 16, CPU
-    python benchmarks/step_overhead.py --models minilm --steps 12
+    python benchmarks/step_overhead.py --models minilm --steps 12 --ds-configs single_node
     python benchmarks/step_overhead.py --device cuda --models bert-large-uncased --precision bf16
 
 The same SQuAD batches (real training windows, drawn as the trainer draws them) through
   (a) bertscale's loop: trainer.setup + trainer.fit, i.e. DataLoader workers that collate, pack and
-      pin, the DeepSpeed engine (ZeRO-2, one rank), logging every 10 steps, the stop-flag agreement;
+      pin, the DeepSpeed engine (one rank; each --ds-configs preset in turn), logging every 10 steps,
+      the stop-flag agreement;
   (b) a bare loop over batches already on the device: forward, backward and a fused AdamW step of a
       plain copy of the model (same weights, no DeepSpeed, no data pipeline),
-in alternating rounds, once with --unpad and once with --no-unpad. A step of (a) is the time between
-two engine steps; the first step of each round (worker start-up, warm-up) is left out of both.
-Prints, per model and mode: median ms per step of (a) and (b), the overhead ratio (a)/(b), the
+paired step by step: right after each engine step of (a), (b) takes its step on the batch (a) just
+trained on, so both see the same moment of a noisy machine. A step of (a) is the time from the end
+of that (b) step to the end of the next engine step (fetching the batch included); the first step of
+each (worker start-up, optimizer state allocation) is left out. Once with --unpad, once with --no-unpad.
+Prints, per model, mode and config: median ms per step of (a) and (b), the overhead ratio (a)/(b) of
+the medians and the median of the pairs' own ratios (steadier when the machine's speed drifts), the
 share of computed tokens that are padding, and real tokens per second through (a).
 """
 
@@ -34,18 +38,18 @@ sys.path.insert(0, str(ROOT))
 from unpadded_step import SQUAD_TRAIN, resolve  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 
-def bertscale_training(model: str, unpad: bool, args, out: Path):
-    """A set-up bertscale run (trainer.setup) on SQuAD windows, with engine.step timed."""
+def bertscale_training(model: str, unpad: bool, ds_config: str, args, out: Path):
+    """A set-up bertscale run (trainer.setup) on SQuAD windows, `args.steps` + 1 steps long."""
     from bertscale import tasks, trainer
 
     run = tasks.make_run(
         "squad",
         model=model,
         train_file=str(SQUAD_TRAIN),
-        max_train_samples=args.micro_batch * (args.rounds * args.steps + 8),
+        max_train_samples=args.micro_batch * (args.steps + 8),
         max_seq_length=args.seq_len,
         micro_batch_size=args.micro_batch,
-        ds_config="zero2",
+        ds_config=ds_config,
         precision=args.precision,
         gradient_checkpointing=False,
         unpad=unpad,
@@ -54,30 +58,11 @@ def bertscale_training(model: str, unpad: bool, args, out: Path):
         wandb_mode="disabled",
         output_dir=str(out),
         overwrite_output_dir=True,
+        dataloader_workers=args.dataloader_workers,
     )
     t = trainer.setup(run)
-    stamps = []
-    step = t.engine.step
-
-    def timed_step(*a, **k):
-        result = step(*a, **k)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return result
-
-    t.engine.step = timed_step
-    return t, stamps
-
-
-def run_round(t, stamps, steps: int) -> list[float]:
-    """`steps` more steps of trainer.fit; the seconds between consecutive engine steps."""
-    from bertscale import trainer
-
-    stamps.clear()
-    t.steps = dataclasses.replace(t.steps, total_steps=t.state.step + steps)
-    trainer.fit(t)
-    return [b - a for a, b in zip(stamps, stamps[1:])]  # the first step (workers starting) left out
+    t.steps = dataclasses.replace(t.steps, total_steps=args.steps + 1)
+    return t
 
 
 def device_batches(t, count: int) -> list[dict]:
@@ -97,28 +82,53 @@ def device_batches(t, count: int) -> list[dict]:
     return out
 
 
-def bare_loop(t, args):
-    """A plain copy of the engine's model and a fused AdamW: a step over pre-built device tensors."""
+def bare_step(t, args):
+    """A plain copy of the engine's model and a fused AdamW: step(batch) -> seconds for one step."""
     model = type(t.engine.module)(t.engine.module.config).to(t.engine.device)
     model.load_state_dict(t.engine.module.state_dict())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
-    def steps(batches: list[dict]) -> list[float]:
-        stamps = []
-        for batch in batches:
-            with torch.autocast(t.engine.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+    def step(batch: dict) -> float:
+        start = time.perf_counter()
+        with torch.autocast(t.engine.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-    return steps
+    return step
+
+
+def pair(t, args, batches: list[dict]) -> tuple[list[float], list[float]]:
+    """trainer.fit with a step of the bare loop on the same batch after every engine step:
+    (a) and (b) seconds per step, the first step of each left out."""
+    from bertscale import trainer
+
+    bare = bare_step(t, args)
+    ours, theirs, since = [], [], [None]
+    step = t.engine.step
+
+    def paired(*a, **k):
+        result = step(*a, **k)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        if since[0] is not None:  # the first step (workers starting) is left out
+            ours.append(end - since[0])
+        seconds = bare(batches[len(ours)])
+        if since[0] is not None:
+            theirs.append(seconds)
+        since[0] = time.perf_counter()
+        return result
+
+    t.engine.step = paired
+    trainer.fit(t)
+    return ours, theirs
 
 
 def padding_share(batches: list[dict], unpad: bool) -> tuple[float, int]:
@@ -128,19 +138,17 @@ def padding_share(batches: list[dict], unpad: bool) -> tuple[float, int]:
     return (0.0 if unpad else 1 - real / computed), real // len(batches)
 
 
-def measure(model: str, unpad: bool, args) -> dict:
+def measure(model: str, unpad: bool, ds_config: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        t, stamps = bertscale_training(resolve(model), unpad, args, Path(tmp))
-        batches = device_batches(t, args.rounds * args.steps)  # the ones bertscale's rounds train on
-        bare = bare_loop(t, args)
-        ours, theirs = [], []
-        for r in range(args.rounds):  # alternating, so machine noise hits both alike
-            ours += run_round(t, stamps, args.steps)
-            theirs += bare(batches[r * args.steps : (r + 1) * args.steps])
+        t = bertscale_training(resolve(model), unpad, ds_config, args, Path(tmp))
+        batches = device_batches(t, args.steps + 1)  # the ones bertscale's loop trains on, in its order
+        ours, theirs = pair(t, args, batches)
         t.tracker.finish()
     padding, real_tokens = padding_share(batches, unpad)
     a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
-    return {"a_ms": a, "b_ms": b, "ratio": a / b, "padding": padding, "tokens_s": real_tokens / (a / 1000)}
+    pairs = statistics.median(x / y for x, y in zip(ours, theirs))  # each pair ran at the same moment
+    tokens_s = real_tokens / (a / 1000)
+    return {"a_ms": a, "b_ms": b, "ratio": a / b, "pairs": pairs, "padding": padding, "tokens_s": tokens_s}
 
 
 def main(argv=None):
@@ -148,8 +156,11 @@ def main(argv=None):
     ap.add_argument("--models", default="tiny,minilm", help="comma-separated: tiny, minilm, a model dir or hub id")
     ap.add_argument("--seq-len", type=int, default=384)
     ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (b)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (pairs of (a) and (b))")
+    ap.add_argument(
+        "--ds-configs", default="single_node,zero2", help="comma-separated DeepSpeed presets for (a) (ds_configs/)"
+    )
+    ap.add_argument("--dataloader-workers", type=int, default=None, help="for (a); default: bertscale's default")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     args = ap.parse_args(argv)
@@ -162,17 +173,22 @@ def main(argv=None):
     dist.setup()
     print(
         f"seq {args.seq_len}, micro batch {args.micro_batch}, {args.precision} on {args.device}, "
-        f"{args.rounds} x {args.steps} steps each, torch threads {torch.get_num_threads()}"
+        f"{args.steps} paired steps, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'model':<12} {'mode':<11} {'(a) ms':>9} {'(b) ms':>9} {'(a)/(b)':>8} {'padding':>8} {'tokens/s':>9}")
+    rows = []
     for model in args.models.split(","):
         for unpad in (True, False):
-            r = measure(model, unpad, args)
-            print(
-                f"{model:<12} {'--unpad' if unpad else '--no-unpad':<11} {r['a_ms']:9.1f} {r['b_ms']:9.1f} "
-                f"{r['ratio']:8.2f} {r['padding']:8.1%} {r['tokens_s']:9.0f}",
-                flush=True,
-            )
+            for ds_config in args.ds_configs.split(","):
+                r = measure(model, unpad, ds_config, args)
+                rows.append(
+                    f"{model:<12} {'--unpad' if unpad else '--no-unpad':<11} {ds_config:<12} {r['a_ms']:9.1f} "
+                    f"{r['b_ms']:9.1f} {r['ratio']:8.2f} {r['pairs']:8.2f} {r['padding']:8.1%} {r['tokens_s']:9.0f}"
+                )
+                print(rows[-1], flush=True)
+    # the table once more at the end, without the runs' own lines in between
+    head = ("model", "mode", "config", "(a) ms", "(b) ms", "(a)/(b)", "pairs", "padding", "tokens/s")
+    print("{:<12} {:<11} {:<12} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}".format(*head))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

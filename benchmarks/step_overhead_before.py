@@ -1,0 +1,86 @@
+"""step_overhead.py's paired measurement on a bertscale checkout from before issue #15 (padded
+batches collated in the rank, no unpadding, no loader workers, the zero2 preset it defaulted to).
+
+    git worktree add /tmp/before 26e07aa        # the architecture commit: setup -> fit, before #15
+    python benchmarks/step_overhead_before.py /tmp/before --models tiny --steps 10
+
+Same SQuAD windows, same seq length and micro batch, the same bare loop (b) paired step by step;
+prints the table of step_overhead.py for that checkout (mode --no-unpad, config zero2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkout", help="a bertscale work tree from before #15")
+    ap.add_argument("--models", default="tiny")
+    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args(argv)
+    args.device, args.precision = "cpu", "fp32"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sys.path.insert(0, str(Path(args.checkout).resolve()))  # its bertscale package, not this one
+    import statistics
+
+    from bertscale import data, tasks, trainer
+    from bertscale import distributed as dist
+    from bertscale.evaluation import model_inputs
+
+    sys.path.insert(1, str(HERE))
+    import step_overhead as bench  # the pairing and the bare loop; its own bertscale imports are lazy
+
+    dist.setup()
+    # the checkout's bertscale must be the one imported (step_overhead puts this repo on sys.path too)
+    assert Path(trainer.__file__).resolve().is_relative_to(Path(args.checkout).resolve()), trainer.__file__
+    squad = HERE.parent.parent / "shared" / "data" / "squad" / "train-v1.1-first44.json"
+    print(
+        f"{args.checkout}: seq {args.seq_len}, micro batch {args.micro_batch}, fp32 on cpu, {args.steps} paired steps"
+    )
+    for model in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = tasks.make_run(
+                "squad",
+                model=bench.resolve(model) if model == "minilm" else model,
+                train_file=str(squad),
+                max_train_samples=args.micro_batch * (args.steps + 8),
+                max_seq_length=args.seq_len,
+                micro_batch_size=args.micro_batch,
+                ds_config="zero2",
+                precision="fp32",
+                gradient_checkpointing=False,
+                epochs=1,
+                save_every=0,
+                wandb_mode="disabled",
+                output_dir=tmp,
+                overwrite_output_dir=True,
+            )
+            t = trainer.setup(run)
+            t.steps = bench.dataclasses.replace(t.steps, total_steps=args.steps + 1)
+            batches = []
+            for _, rows, _ in data.epoch_batches(
+                t.train_feats, t.lengths, args.micro_batch, 1, 0, run.optim.seed, 0, 0, True
+            ):
+                batches.append(model_inputs(t.task.collate(rows), t.task, t.engine.device))
+                if len(batches) == args.steps + 1:
+                    break
+            ours, theirs = bench.pair(t, args, batches)
+            t.tracker.finish()
+        a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
+        padding, real = bench.padding_share(batches, unpad=False)
+        line = f"{model:<12} {'before':<11} {'zero2':<12} {a:9.1f} {b:9.1f} {a / b:8.2f} {padding:8.1%}"
+        print(f"{line} {real / (a / 1000):9.0f}")
+
+
+if __name__ == "__main__":
+    main()
