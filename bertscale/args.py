@@ -94,7 +94,7 @@ class DataArgs:
     dataloader_workers: int | None = opt(
         None,
         "Processes per rank that build batches ahead of the step (default: the cores the node's ranks leave "
-        "free, at most 4; 0: in the rank itself).",
+        "free, at most 4; on CPU the ranks' compute threads keep theirs; 0: in the rank itself).",
         minimum=0,
     )
 
