@@ -23,7 +23,7 @@ def default_workers(local_ranks: int, device_type: str = "cuda") -> int:
     that computes on the CPU keeps its torch threads' cores (distributed.share_cpu_cores gives them all
     by default), so it gets workers only from cores beyond those: a worker sharing a core with the
     compute threads stalls every step more than building the batch in the rank costs (tiny model on
-    2 cores, benchmarks/step_overhead.py: 70-80 ms a step with a worker, 30-40 ms without)."""
+    2 cores, benchmarks/step_overhead.py: 45-81 ms a step with a worker, 30-42 ms without)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = local_ranks * (torch.get_num_threads() if device_type == "cpu" else 1)
     return max(0, min(4, (cores - busy) // max(local_ranks, 1)))
