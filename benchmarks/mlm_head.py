@@ -16,7 +16,8 @@ import statistics
 import time
 
 import torch
-from activation_memory import load_model_config, resolve
+from activation_memory import load_model_config
+from bench_inputs import resolve
 from transformers import BertForPreTraining
 
 from bertscale import memory_model

@@ -154,7 +154,7 @@ def run_prepare(files: Path, out: Path, model: str, workers: int, seq: int) -> d
         raise SystemExit(f"{' '.join(cmd)} failed:\n{output}")
     manifest = json.loads((out / "manifest.json").read_text())
     # the workers' own seconds per shard: the work itself, without start-up or waiting for a core
-    shard_seconds = sum(shard.get("seconds", 0.0) for shard in manifest.get("shards", []))
+    shard_seconds = sum(shard["seconds"] for shard in manifest["shards"])
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {
         "seconds": seconds,

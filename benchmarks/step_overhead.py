@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unpadded_step import SQUAD_TRAIN, resolve  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
+from bench_inputs import SQUAD_TRAIN, resolve  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 
 def bertscale_training(model: str, unpad: bool, ds_config: str, args, out: Path):

