@@ -103,8 +103,12 @@ def share_cpu_cores() -> None:
 
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // local_world_size()))
+    torch.set_num_threads(max(1, usable_cores() // local_world_size()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a Slurm or cgroup allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _placement(hosts: list[str]) -> str:

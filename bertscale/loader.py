@@ -10,21 +10,20 @@ process builds them and however the global batch is split into ranks.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 
 import torch
 
-from . import data
+from . import data, distributed
 
 
-def default_workers(local_ranks: int, device_type: str = "cuda") -> int:
+def default_workers(local_ranks: int, device_type: str) -> int:
     """Worker processes per rank: the cores the ranks of this node leave free, at most 4 each. A rank
     that computes on the CPU keeps its torch threads' cores (distributed.share_cpu_cores gives them all
     by default), so it gets workers only from cores beyond those: a worker sharing a core with the
     compute threads stalls every step more than building the batch in the rank costs (tiny model on
     2 cores, benchmarks/step_overhead.py: 45-81 ms a step with a worker, 30-42 ms without)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = distributed.usable_cores()
     busy = local_ranks * (torch.get_num_threads() if device_type == "cpu" else 1)
     return max(0, min(4, (cores - busy) // max(local_ranks, 1)))
 
