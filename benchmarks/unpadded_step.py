@@ -23,6 +23,7 @@ Prints the median and fastest step time of each and the speedup of the medians.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -141,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--group-by-length", action="store_true", help="Batches as the trainer draws them")
     args = ap.parse_args(argv)
     if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # else engine.build gives the rank every core
         torch.set_num_threads(args.threads)
 
     name = resolve(args.model)

@@ -36,5 +36,5 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     profile = (tmp_path / "profile.txt").read_text()
     assert "by total time" in profile and "idle gaps between" in profile and "largest 10 gaps" in profile
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "unpadded attention on cpu/float32: cpu_buckets" in log
+    assert "unpadded attention on cpu/float32: cpu_rows" in log
     assert "skipped" in (tmp_path / "tests.log").read_text()  # the gpu tests ran, and skip without CUDA

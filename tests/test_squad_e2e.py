@@ -190,7 +190,7 @@ def test_unpadded_by_default_and_its_exports_load_in_stock_transformers(run_dir,
     from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
 
     log = (run_dir / "stdout.txt").read_text()
-    assert "[bertscale] unpadded attention on cpu/float32: cpu_buckets in training (attention dropout 0.1" in log
+    assert "[bertscale] unpadded attention on cpu/float32: cpu_rows in training (attention dropout 0.1" in log
     proc = subprocess.run(
         [sys.executable, "-m", "bertscale", "export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")],
         cwd=ROOT,

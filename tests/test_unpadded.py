@@ -156,7 +156,7 @@ def per_row_reference(q, k, v, lengths):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("backend", ["cpu_buckets", "nested_sdpa"])
+@pytest.mark.parametrize("backend", ["cpu_rows", "nested_sdpa"])
 def test_varlen_attention_equals_attention_per_row(backend, monkeypatch):
     monkeypatch.setenv(attention.BACKEND_ENV, backend)
     lengths = [9, 1, 30, 30, 4, 17, 22, 2, 13]  # more rows than buckets, equal lengths, a single token
@@ -178,10 +178,10 @@ def test_cpu_attention_applies_attention_dropout():
     with_dropout = attention.varlen_attention(q, k, v, packing, dropout_p=0.5)
     assert not torch.allclose(without, with_dropout)
     assert describe_backend("cpu", torch.float32, 0.1) == (
-        "unpadded attention on cpu/float32: cpu_buckets in training (attention dropout 0.1 applied)"
+        "unpadded attention on cpu/float32: cpu_rows in training (attention dropout 0.1 applied)"
     )
     assert describe_backend("cpu", torch.bfloat16, 0.1, training=False) == (
-        "unpadded attention on cpu/bfloat16: cpu_buckets (evaluation, no attention dropout)"
+        "unpadded attention on cpu/bfloat16: cpu_rows (evaluation, no attention dropout)"
     )
 
 
@@ -512,7 +512,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch_varlen", "nested_sdpa", "cpu_buckets"])
+@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch_varlen", "nested_sdpa", "cpu_rows"])
 def test_cuda_varlen_attention_equals_attention_per_row(backend, dtype, monkeypatch):
     if backend != "auto":
         if backend == "flash_attn" and not attention._flash_attn_installed():

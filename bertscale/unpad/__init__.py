@@ -4,6 +4,7 @@ variable-length kernels fed with cu_seqlens / max_seqlen.
 
     packing.py    where the real tokens are (Packing), and add_packing / packing_kwargs for collators
     attention.py  varlen attention kernels per device, and which ones apply attention dropout
+    cpu_kernels.py  the CPU ones: attention row by row, dropout with cheaper masks
     encoder.py    the stock embeddings and layers run on packed tokens
     losses.py     the stock heads' losses
     models.py     Unpadded* heads (subclasses of the stock ones), unpadded_class(), packing_options()

@@ -8,9 +8,9 @@ Kernels, chosen per call by `choose_backend` (or forced with BERTSCALE_ATTENTION
                 (evaluation, or a config with attention_probs_dropout_prob=0).
   nested_sdpa   CUDA, any dtype: SDPA on nested jagged tensors, which runs the flash or the
                 memory-efficient varlen kernel; attention dropout applied.
-  cpu_buckets   any device (the CPU path): rows sorted by length into a few buckets, each padded
-                to its own longest row and run through SDPA with a key-padding mask; attention
-                dropout applied. Forced onto CUDA it reads the row lengths (a sync).
+  cpu_rows      any device (the CPU path): one row at a time, no padding, attention dropout
+                applied (cpu_kernels.py says why not SDPA). Forced onto CUDA it reads the row
+                lengths (a sync).
 """
 
 from __future__ import annotations
@@ -18,21 +18,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import row_attention
 from .packing import Packing
 
 BACKEND_ENV = "BERTSCALE_ATTENTION_BACKEND"
-BACKENDS = ("flash_attn", "torch_varlen", "nested_sdpa", "cpu_buckets")
-APPLIES_ATTENTION_DROPOUT = {"flash_attn": True, "torch_varlen": False, "nested_sdpa": True, "cpu_buckets": True}
-# More buckets pad less but make more, smaller SDPA calls. MiniLM's attention (fwd + bwd, seq 384,
-# 16 SQuAD rows, dropout on) took 760 ms in one padded bucket, 250 ms in 4 and 230 ms in 8 or 16.
-CPU_BUCKETS = 8
+BACKENDS = ("flash_attn", "torch_varlen", "nested_sdpa", "cpu_rows")
+APPLIES_ATTENTION_DROPOUT = {"flash_attn": True, "torch_varlen": False, "nested_sdpa": True, "cpu_rows": True}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 log = logging.getLogger(__name__)
@@ -62,7 +58,7 @@ def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 
             raise ValueError(f"{BACKEND_ENV}={forced}: choose one of {', '.join(BACKENDS)}")
         return forced
     if device.type != "cuda":
-        return "cpu_buckets"
+        return "cpu_rows"
     flash_capable = dtype in HALF_DTYPES and _capability(device.index) >= (8, 0)
     if flash_capable and _flash_attn_installed():
         return "flash_attn"
@@ -143,68 +139,18 @@ def _nested_sdpa(query, key, value, packing: Packing, dropout_p, scale):
     return out.transpose(1, 2).values()
 
 
-@dataclass
-class _Bucket:
-    rows: int
-    width: int
-    key_mask: torch.Tensor | None  # [rows, 1, 1, width], True = real key; None when no padding
-
-
-@dataclass
-class _Grids:
-    """The buckets' padded grids, one after another in one flat [size, ...] tensor."""
-
-    buckets: list[_Bucket]
-    slots: torch.Tensor  # [tokens]: the grid slot of each packed token
-    size: int  # slots in all grids, padding included
-
-
-def _cpu_buckets(query, key, value, packing: Packing, dropout_p, scale):
-    if "grids" not in packing.cache:
-        packing.cache["grids"] = _make_grids(packing.cu_seqlens, CPU_BUCKETS)
-    g = packing.cache["grids"]
-    heads = query.shape[1:]
-    # One scatter into zeros per tensor and a split into buckets: a CPU step is many small ops
-    # otherwise, and slicing per bucket would give each slice a gradient the size of the whole grid.
-    sizes = [b.rows * b.width for b in g.buckets]
-    grids = [x.new_zeros(g.size, *heads).index_copy(0, g.slots, x).split(sizes) for x in (query, key, value)]
-    outs = []
-    for b, q, k, v in zip(g.buckets, *grids):
-        q, k, v = (t.view(b.rows, b.width, *heads).transpose(1, 2) for t in (q, k, v))  # [rows, heads, width, dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=b.key_mask, dropout_p=dropout_p, scale=scale)
-        outs.append(out.transpose(1, 2).reshape(b.rows * b.width, *heads))
-    return torch.cat(outs).index_select(0, g.slots)
-
-
-def _make_grids(cu_seqlens: torch.Tensor, max_buckets: int) -> _Grids:
-    """Rows sorted by length and cut into up to `max_buckets` groups of equal row count, each padded
-    to its own longest row."""
-    cu = cu_seqlens.long()
-    device = cu.device
-    lengths = cu.diff()
-    batch = lengths.shape[0]
-    per_bucket = math.ceil(batch / min(max_buckets, batch))
-    by_length = torch.argsort(lengths, stable=True)
-    token_row = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
-    token_col = torch.arange(token_row.shape[0], device=device) - cu[:-1][token_row]
-    row_offset = torch.empty(batch, dtype=torch.long, device=device)  # first grid slot of each row
-    buckets, size = [], 0
-    for first in range(0, batch, per_bucket):
-        rows = by_length[first : first + per_bucket]
-        row_lengths = lengths[rows]
-        width = int(row_lengths.max())
-        row_offset[rows] = size + torch.arange(rows.shape[0], device=device) * width
-        key_mask = None
-        if int(row_lengths.min()) < width:
-            key_mask = (torch.arange(width, device=device)[None] < row_lengths[:, None])[:, None, None, :]
-        buckets.append(_Bucket(rows.shape[0], width, key_mask))
-        size += rows.shape[0] * width
-    return _Grids(buckets, row_offset[token_row] + token_col, size)
+def _cpu_rows(query, key, value, packing: Packing, dropout_p, scale):
+    if "bounds" not in packing.cache:  # Python ints: free on the CPU, a sync where forced onto CUDA
+        cu = packing.cu_seqlens.tolist()
+        packing.cache["bounds"] = list(zip(cu[:-1], cu[1:]))
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    return row_attention(query, key, value, packing.cache["bounds"], dropout_p, scale)
 
 
 _KERNELS = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
     "nested_sdpa": _nested_sdpa,
-    "cpu_buckets": _cpu_buckets,
+    "cpu_rows": _cpu_rows,
 }
