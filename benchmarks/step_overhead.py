@@ -14,9 +14,11 @@ paired step by step: right after each engine step of (a), (b) takes its step on 
 trained on, so both see the same moment of a noisy machine. A step of (a) is the time from the end
 of that (b) step to the end of the next engine step (fetching the batch included); the first step of
 each (worker start-up, optimizer state allocation) is left out. Once with --unpad, once with --no-unpad.
-Prints, per model, mode and config: median ms per step of (a) and (b), the overhead ratio (a)/(b) of
-the medians and the median of the pairs' own ratios (steadier when the machine's speed drifts), the
-share of computed tokens that are padding, and real tokens per second through (a).
+Prints, per model, mode and config: median ms per step of (a) and (b); the overhead ratio (a)/(b), the
+time all steps of (a) took over the time (b) took on the same batches (the medians of the two columns
+can fall on different batches, as step times vary with the batch's length); the median of the pairs'
+own ratios (steadier when the machine's speed drifts); the share of computed tokens that are padding;
+and real tokens per second through (a).
 """
 
 from __future__ import annotations
@@ -146,9 +148,10 @@ def measure(model: str, unpad: bool, ds_config: str, args) -> dict:
         t.tracker.finish()
     padding, real_tokens = padding_share(batches, unpad)
     a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
+    ratio = sum(ours) / sum(theirs)  # the same batches through both
     pairs = statistics.median(x / y for x, y in zip(ours, theirs))  # each pair ran at the same moment
-    tokens_s = real_tokens / (a / 1000)
-    return {"a_ms": a, "b_ms": b, "ratio": a / b, "pairs": pairs, "padding": padding, "tokens_s": tokens_s}
+    tokens_s = real_tokens * len(ours) / sum(ours)
+    return {"a_ms": a, "b_ms": b, "ratio": ratio, "pairs": pairs, "padding": padding, "tokens_s": tokens_s}
 
 
 def main(argv=None):
