@@ -36,10 +36,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile tests
+	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-fast: lint
-	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m 'not slow and not slurm' tests
+	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder -m 'not slow and not slurm' tests
 
 gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m gpu tests

@@ -121,6 +121,32 @@ def _prepared_cache(tmp_path_factory):
         os.environ["BERTSCALE_PREPARED_CACHE"] = before
 
 
+# make test runs two xdist workers, a test file per work unit (--dist loadfile), handed out in
+# collection order (--no-loadscope-reorder). xdist's own order (most tests first) left the heaviest
+# file, test_universal_checkpoint.py (~7 min of module fixture), to start last: one worker idled for
+# minutes while the other ran it. Files that launch many ranks go first, heaviest first; the rest
+# keep pytest's order and fill the gaps.
+SLOWEST_FIRST = [
+    "test_universal_checkpoint.py",
+    "test_checkpoint.py",
+    "test_slurm.py",
+    "test_unpadded.py",
+    "test_slurm_prepare.py",
+    "test_tracking.py",
+    "test_pretrain_e2e.py",
+    "test_squad_e2e.py",
+    "test_classify_e2e.py",
+    "test_engine.py",
+    "test_console.py",
+    "test_user_task.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
+
+
 _SESSION_START = time.time() - 1
 
 
