@@ -14,6 +14,7 @@ import argparse
 import collections
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -121,6 +122,8 @@ def main(argv=None):
     except SystemExit as e:
         if e.code:
             raise
+    finally:
+        shutil.rmtree(work)  # the corpus, the prepared data and the run
 
 
 if __name__ == "__main__":
