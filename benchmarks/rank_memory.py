@@ -117,13 +117,16 @@ def main(argv=None):
     flags += ["--max-eval-samples", "64", "--ds-config", "zero2", "--wandb-mode", "disabled"]
     flags += ["--output-dir", str(work / "run"), "--overwrite-output-dir"]
     sys.argv = ["bertscale", "pretrain", *flags]
-    try:
-        cli.main()
-    except SystemExit as e:
-        if e.code:
-            raise
-    finally:
+    from bertscale import distributed
+
+    leave = distributed.exit_process
+
+    def clean_up_and_leave(code: int = 0):
         shutil.rmtree(work)  # the corpus, the prepared data and the run
+        leave(code)
+
+    distributed.exit_process = clean_up_and_leave  # a rank that joined a process group ends in os._exit
+    cli.main()
 
 
 if __name__ == "__main__":
