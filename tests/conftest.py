@@ -123,7 +123,7 @@ def _prepared_cache(tmp_path_factory):
 
 # make test runs two xdist workers, a test file per work unit (--dist loadfile), handed out in
 # collection order (--no-loadscope-reorder). xdist's own order (most tests first) left the heaviest
-# file, test_universal_checkpoint.py (~7 min of module fixture), to start last: one worker idled for
+# file, test_universal_checkpoint.py (3-7 min of module fixture), to start last: one worker idled for
 # minutes while the other ran it. Files that launch many ranks go first, heaviest first; the rest
 # keep pytest's order and fill the gaps.
 SLOWEST_FIRST = [
