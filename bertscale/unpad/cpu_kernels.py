@@ -1,4 +1,4 @@
-"""The unpadded model's CPU kernels: attention one row at a time, and dropout on bool masks.
+"""The unpadded model's CPU kernel: attention one row at a time, with attention dropout on bool masks.
 
 Why not SDPA: on the CPU, SDPA applies attention dropout only on its math path, which works on
 the whole padded [rows, heads, seq, seq] grid. A row at a time the [heads, len, len] scores of one
@@ -11,7 +11,6 @@ the same runs with bernoulli_ masks, in three of three seeds (docs/unpadding.md)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
@@ -21,29 +20,6 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cp
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     return torch.empty(shape, device=device).bernoulli_(1 - p).bool(), 1 / (1 - p)
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p):
-        keep, scale = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)  # a bool mask: a quarter of what a float mask would hold
-        ctx.scale = scale
-        return torch.where(keep, x, 0).mul_(scale)  # where, not mul: mul would copy the mask to floats
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, with the cheaper masks on the CPU (CUDA's fused dropout is already fast)."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu" or p >= 1:
-        return F.dropout(x, p, training=True)
-    return _Dropout.apply(x, p)
 
 
 def row_attention(query, key, value, bounds: list[tuple[int, int]], dropout_p: float, scale: float):

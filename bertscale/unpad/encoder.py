@@ -3,8 +3,8 @@
 Every submodule with parameters is called as a module (never by reading its .weight), so DeepSpeed
 ZeRO-3's forward hooks gather partitioned parameters as they do for the stock forward. The Linear,
 LayerNorm and GELU modules are shape-agnostic: they take [tokens, hidden] unchanged. What differs:
-self-attention's query/key/value projections feed the varlen kernel, and the layers' dropout is
-cpu_kernels.dropout with the module's p (cheaper masks on the CPU, F.dropout elsewhere).
+self-attention's query/key/value projections feed the varlen kernel (the layers' hidden dropout is
+the stock nn.Dropout modules, on [tokens, hidden]).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
-from .cpu_kernels import dropout
 from .packing import Packing
 
 
@@ -58,14 +57,8 @@ def run_layer(layer, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
 def packed_layer_forward(layer, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """BertLayer.forward on [tokens, hidden]: attention, residual + LayerNorm, feed-forward."""
     context = packed_self_attention(layer.attention.self, hidden, packing)
-    attention_output = _dense_dropout_norm(layer.attention.output, context, hidden)
-    return _dense_dropout_norm(layer.output, layer.intermediate(attention_output), attention_output)
-
-
-def _dense_dropout_norm(block, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """BertSelfOutput / BertOutput.forward: LayerNorm(dropout(dense(x)) + residual)."""
-    dropped = dropout(block.dense(x), block.dropout.p, block.dropout.training)
-    return block.LayerNorm(dropped + residual)
+    attention_output = layer.attention.output(context, hidden)  # BertSelfOutput: shape-agnostic
+    return layer.output(layer.intermediate(attention_output), attention_output)
 
 
 def packed_self_attention(self_attention, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
