@@ -146,11 +146,12 @@ def measure(model: str, unpad: bool, ds_config: str, args) -> dict:
         batches = device_batches(t, args.steps + 1)  # the ones bertscale's loop trains on, in its order
         ours, theirs = pair(t, args, batches)
         t.tracker.finish()
-    padding, real_tokens = padding_share(batches, unpad)
+    timed = batches[1 : len(ours) + 1]  # the first step is left out of the timings, so out of the tokens too
+    padding, real_tokens = padding_share(timed, unpad)
     a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
     ratio = sum(ours) / sum(theirs)  # the same batches through both
     pairs = statistics.median(x / y for x, y in zip(ours, theirs))  # each pair ran at the same moment
-    tokens_s = real_tokens * len(ours) / sum(ours)
+    tokens_s = real_tokens * len(timed) / sum(ours)
     return {"a_ms": a, "b_ms": b, "ratio": ratio, "pairs": pairs, "padding": padding, "tokens_s": tokens_s}
 
 
