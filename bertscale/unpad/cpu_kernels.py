@@ -19,7 +19,8 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cp
     (resume, activation checkpointing) give the same masks."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return torch.empty(shape, device=device).bernoulli_(1 - p).bool(), 1 / (1 - p)
+    # drawn straight into bool: the same masks as a float draw then .bool(), without the float copy
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), 1 / (1 - p)
 
 
 def row_attention(query, key, value, bounds: list[tuple[int, int]], dropout_p: float, scale: float):
