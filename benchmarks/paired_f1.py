@@ -12,7 +12,7 @@ import sys
 
 # Two-sided 95% quantiles of Student's t for 1..12 degrees of freedom; 1.96 beyond.
 T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18]
-LINE = re.compile(r"^seed (\S+) --(unpad|no-unpad) .*final: exact_match=(\S+) f1=(\S+)")
+LINE = re.compile(r"^seed (\S+) --(unpad|no-unpad) .*final: exact_match=\S+ f1=(\S+)")
 
 
 def main(path: str) -> None:
@@ -21,7 +21,7 @@ def main(path: str) -> None:
         for line in results:
             match = LINE.match(line)
             if match:
-                seed, mode, _, score = match.groups()
+                seed, mode, score = match.groups()
                 f1.setdefault(seed, {})[mode] = float(score)
     pairs = {seed: runs for seed, runs in f1.items() if len(runs) == 2}
     if not pairs:

@@ -146,6 +146,11 @@ def measure(model: str, unpad: bool, ds_config: str, args) -> dict:
         batches = device_batches(t, args.steps + 1)  # the ones bertscale's loop trains on, in its order
         ours, theirs = pair(t, args, batches)
         t.tracker.finish()
+    return summarize(ours, theirs, batches, unpad)
+
+
+def summarize(ours: list[float], theirs: list[float], batches: list[dict], unpad: bool) -> dict:
+    """The table's figures from pair()'s timings; step_overhead_before.py uses it too."""
     timed = batches[1 : len(ours) + 1]  # the first step is left out of the timings, so out of the tokens too
     padding, real_tokens = padding_share(timed, unpad)
     a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000

@@ -37,7 +37,6 @@ def main(argv=None):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("WANDB_MODE", "disabled")
     sys.path.insert(0, str(Path(args.checkout).resolve()))  # its bertscale package, not this one
-    import statistics
 
     from bertscale import data, tasks, trainer
     from bertscale import distributed as dist
@@ -84,11 +83,9 @@ def main(argv=None):
         strays = [m.__file__ for n, m in sys.modules.items() if n.startswith("bertscale") and not _inside(m, args)]
         if strays:
             raise SystemExit(f"not from {args.checkout}: {', '.join(strays)}")
-        a, b = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
-        timed = batches[1 : len(ours) + 1]  # as in step_overhead.measure: the first step is not timed
-        padding, real = bench.padding_share(timed, unpad=False)
-        line = f"{model:<12} {'before':<11} {'zero2':<12} {a:9.1f} {b:9.1f} {sum(ours) / sum(theirs):8.2f}"
-        print(f"{line} {padding:8.1%} {real * len(timed) / sum(ours):9.0f}")
+        r = bench.summarize(ours, theirs, batches, unpad=False)
+        line = f"{model:<12} {'before':<11} {'zero2':<12} {r['a_ms']:9.1f} {r['b_ms']:9.1f} {r['ratio']:8.2f}"
+        print(f"{line} {r['pairs']:8.2f} {r['padding']:8.1%} {r['tokens_s']:9.0f}")
 
 
 if __name__ == "__main__":
