@@ -86,7 +86,8 @@ def count_params(config, model_class: str = "BertForQuestionAnswering") -> tuple
 def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: int, precision: str) -> tuple[int, int]:
     """(per GPU, per node's CPU) bytes of parameters, gradients and Adam states, from DeepSpeed.
     ZeRO-1 is counted unpartitioned, as on one GPU: the single_node preset is for models whose
-    states each GPU can hold whole (on several GPUs ZeRO-1 needs less)."""
+    states each GPU can hold whole (on several GPUs ZeRO-1 needs less). In fp32 that preset runs
+    ZeRO-0, whose states are exactly the fp32 count below on any number of GPUs."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -335,7 +336,10 @@ def format_plan(p: Plan, output: str | None = None) -> str:
     if c is None:
         return "\n".join(lines)
     ckpt = "--gradient-checkpointing" if c.checkpointing else "--no-gradient-checkpointing"
-    why = f" (preset {STAGE_PRESET[c.stage]}: each GPU holds the whole model states)" if c.stage == "ZeRO-1" else ""
+    why = ""
+    if c.stage == "ZeRO-1":
+        zero0 = "; ZeRO-0 in fp32" if p.precision == "fp32" else ""
+        why = f" (preset {STAGE_PRESET[c.stage]}: each GPU holds the whole model states{zero0})"
     lines += [
         "",
         f"recommended: {c.stage}{why}, micro batch {c.micro_batch}, gradient accumulation {p.grad_accum} "

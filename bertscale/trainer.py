@@ -167,7 +167,8 @@ def setup(run: Run) -> Training:
 
 def universal_resume(ckpt: Path, ds_cfg: dict, world: int, streaming: bool) -> bool:
     """Whether resuming `ckpt` takes a universal checkpoint (another number of ranks, ZeRO stage or
-    precision than it was written with); if so, it is converted now (once, by rank 0)."""
+    precision than it was written with, except a rank count under ZeRO stage 0, which loads as it is);
+    if so, it is converted now (once, by rank 0)."""
     saved = checkpoint.read_state(ckpt)
     now = {"world_size": world, "zero_stage": engines.zero_stage(ds_cfg), "precision": ds_config.precision_of(ds_cfg)}
     if streaming and saved.get("world_size", world) != world:
@@ -178,7 +179,7 @@ def universal_resume(ckpt: Path, ds_cfg: dict, world: int, streaming: bool) -> b
             f"--checkpoint {ckpt} --output W, then train with --model W in a new --output-dir",
             echo=dist.is_main(),
         )
-    if not checkpoint.changes(saved, now):
+    if checkpoint.loads_directly(saved, now):
         return False
     checkpoint.prepare_universal(ckpt)
     return True
@@ -191,7 +192,7 @@ def resume(engine, ckpt: Path, universal: bool, state: TrainState, seed: int, sp
     if universal:
         loaded, what = checkpoint.load_universal(engine, ckpt, seed)
     else:
-        loaded, what = checkpoint.load(engine, ckpt), ""
+        loaded, what = checkpoint.load(engine, ckpt, seed)
     state.update(loaded)
     state.position_from_batches(loaded, split.micro, saved.get("world_size", split.world))
     if "samples" not in loaded:
@@ -199,6 +200,8 @@ def resume(engine, ckpt: Path, universal: bool, state: TrainState, seed: int, sp
     line = f"[bertscale] Resumed from {ckpt} (step {state.step})"
     if universal:
         line += f" through a universal checkpoint: {what}"
+    elif what:  # another rank count under ZeRO stage 0
+        line += f": {what}"
     before = saved.get("global_batch")
     if before and before != split.global_batch:
         line += (

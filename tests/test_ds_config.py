@@ -46,10 +46,17 @@ def test_bf16_presets_turn_off_the_per_step_overflow_check(preset):
     assert DeepSpeedConfig(cfg).bfloat16_config.check_grad_overflow is False
 
 
-def test_single_node_preset_is_zero1_with_fused_adam():
-    _, raw = ds_config.load("single_node")
-    assert raw["zero_optimization"]["stage"] == 1
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("fp16", 1), ("fp32", 0), (None, 0)])
+def test_single_node_preset_is_zero1_in_16_bits_and_zero0_in_fp32_with_fused_adam(precision, stage):
+    """16-bit weights: ZeRO-1 keeps the fp32 master weights; fp32 has nothing to keep a master copy in,
+    so stage 0 (no second fp32 copy, no gradient buckets). None: the precision default (fp32 here)."""
+    path, raw = ds_config.load("single_node")
+    assert raw["zero_optimization"]["stage"] == "auto"
     assert raw["optimizer"]["type"] == "AdamW" and "torch_adam" not in raw["optimizer"]["params"]  # FusedAdam
+    cfg = ds_config.fill(path, raw, OptimArgs(micro_batch_size=4, precision=precision), world_size=2, total_steps=10)
+    assert cfg["zero_optimization"]["stage"] == stage
+    cfg = ds_config.fill(path, raw, OptimArgs(micro_batch_size=4, precision=precision, zero_stage=2), 2, 10)
+    assert cfg["zero_optimization"]["stage"] == 2  # --zero-stage still decides
 
 
 def test_zero_stage_and_precision_flags_override(tmp_path):

@@ -1,5 +1,5 @@
-"""Real DeepSpeed engines on CPU, 2 gloo ranks: the presets (single_node's ZeRO-1, ZeRO-2/3) x
-bf16/fp16/fp32 take steps and learn, with the unpadded model."""
+"""Real DeepSpeed engines on CPU, 2 gloo ranks: the presets (single_node: ZeRO-1 in 16 bits, ZeRO-0 in
+fp32; ZeRO-2/3) x bf16/fp16/fp32 take steps and learn, with the unpadded model."""
 
 import json
 
@@ -19,8 +19,12 @@ ENGINES = [
     ("zero3", "bf16", "torch.bfloat16"),
     ("zero3", "fp32", "torch.float32"),
     ("single_node", "bf16", "torch.bfloat16"),
+    ("single_node", "fp32", "torch.float32"),
 ]
-STAGE = {"zero2": 2, "zero3": 3, "single_node": 1}
+
+
+def stage(ds_config: str, precision: str) -> int:
+    return {"zero2": 2, "zero3": 3}.get(ds_config, 0 if precision == "fp32" else 1)  # single_node: "auto"
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +37,18 @@ def engine_steps() -> list[dict]:
 def test_engine_steps_and_loss_falls(engine_steps, ds_config, precision, dtype):
     rows = [r for r in engine_steps if r["combo"] == f"{ds_config}:{precision}"]
     assert len(rows) == 12
-    assert rows[0]["zero"] == STAGE[ds_config] and rows[0]["dtype"] == dtype
+    assert rows[0]["zero"] == stage(ds_config, precision) and rows[0]["dtype"] == dtype
     assert rows[0]["model"] == "UnpaddedBertForQuestionAnswering"  # --unpad is the default
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
-    if STAGE[ds_config] < 3 and precision == "bf16":  # the presets' bf16.check_grad_overflow false reached ZeRO-1/2
+    if stage(ds_config, precision) < 3 and precision == "bf16":  # bf16.check_grad_overflow false reached ZeRO-1/2
         assert rows[0]["check_grad_overflow"] is False, rows[0]
 
 
-def test_single_node_preset_is_zero1_with_fused_adam(engine_steps):
+def test_single_node_preset_is_zero1_with_fused_adam_in_16_bits_and_fused_adam_alone_in_fp32(engine_steps):
     row = next(r for r in engine_steps if r["combo"] == "single_node:bf16")
     assert (row["optimizer"], row["basic_optimizer"]) == ("DeepSpeedZeroOptimizer", "FusedAdam"), row
+    row = next(r for r in engine_steps if r["combo"] == "single_node:fp32")  # steps the module's own weights
+    assert (row["optimizer"], row["basic_optimizer"]) == ("FusedAdam", "FusedAdam"), row
 
 
 def test_fp16_dynamic_loss_scale_backs_off(tmp_path):

@@ -1,15 +1,18 @@
 """Resume on another number of ranks, ZeRO stage or precision (checkpoint/universal.py): the resumed
 run's losses and exported weights are the uninterrupted run's; the conversion runs once, survives
 SIGKILL, loads weights-only, and is refused with one clear message where DeepSpeed cannot convert.
+A ZeRO stage 0 checkpoint (single_node in fp32) holds whole states and resumes on another number of
+ranks as it is, with no conversion.
 
 Real trainer runs (tests/workers/universal_resume.py: `bertscale finetune` on tiny SQuAD, fp32,
 dropout off, global batch 8 = micro 4 x accumulation x ranks) in three launches:
-  A, 2 ranks: the uninterrupted runs z2 and z3 (ZeRO-2, ZeRO-3; saved at steps 3 and 6), and resumes
-     of their step 3 on another stage with the same ranks (z2 -> z3, z3 -> z2, z2 -> ZeRO-3 offload);
-  B, 1 rank (accumulation 2): resumes of z2's and z3's step 3 (2 -> 1 rank), one in bf16, one from a
-     copy whose conversion was SIGKILLed, one with global batch 4; and 1-rank runs w1-z2, w1-z3 (the
-     sources for C);
-  C, 2 ranks: resumes of w1-z2's and w1-z3's step 3 (1 -> 2 ranks).
+  A, 2 ranks: the uninterrupted runs z2, z3 and s0 (ZeRO-2, ZeRO-3, ZeRO-0; saved at steps 3 and 6),
+     and resumes of z2's and z3's step 3 on another stage with the same ranks (z2 -> z3, z3 -> z2,
+     z2 -> ZeRO-3 offload);
+  B, 1 rank (accumulation 2): resumes of z2's, z3's and s0's step 3 (2 -> 1 rank), one in bf16, one
+     from a copy whose conversion was SIGKILLed, one with global batch 4; and 1-rank runs w1-z2,
+     w1-z3, w1-s0 (the sources for C);
+  C, 2 ranks: resumes of w1-z2's, w1-z3's and w1-s0's step 3 (1 -> 2 ranks).
 Six steps cross an epoch boundary (4 steps per epoch), so the data position carries over too.
 """
 
@@ -26,7 +29,7 @@ import pytest
 import torch
 
 from bertscale import checkpoint
-from bertscale.checkpoint import universal
+from bertscale.checkpoint import rng, universal
 from bertscale.errors import UserError
 
 from conftest import ROOT, SQUAD, cpu_env, launch, train_rows
@@ -51,6 +54,7 @@ LAUNCH_A = {
     "z2toz3": ("zero3", "fp32", "z2", "z2"),
     "z3toz2": ("zero2", "fp32", "z3", "z3"),
     "z2to3off": ("zero3_offload", "fp32", "z2", "z2"),
+    "s0": ("single_node", "fp32", None, "s0"),  # ZeRO stage 0 (single_node in fp32)
 }
 LAUNCH_B = {
     "z2to1": ("zero2", "fp32", "z2", "z2"),
@@ -60,10 +64,13 @@ LAUNCH_B = {
     "z2to1g4": ("zero2", "fp32", "z2", "z2"),
     "w1-z2": ("zero2", "fp32", None, "z2"),
     "w1-z3": ("zero3", "fp32", None, "z3"),
+    "s0to1": ("single_node", "fp32", "s0", "s0"),
+    "w1-s0": ("single_node", "fp32", None, "s0"),
 }
 LAUNCH_C = {
     "w1z2to2": ("zero2", "fp32", "w1-z2", "z2"),
     "w1z3to2": ("zero3", "fp32", "w1-z3", "z3"),
+    "w1s0to2": ("single_node", "fp32", "w1-s0", "s0"),
 }
 EXTRA = {"z2to1g4": "--global-batch-size=4"}  # a run's own flags
 RUNS = {**LAUNCH_A, **LAUNCH_B, **LAUNCH_C}
@@ -164,7 +171,7 @@ def test_one_rank_with_twice_the_accumulation_is_the_two_rank_run(runs):
     """The premise of the checks above: --global-batch-size 8 on one rank is accumulation 2 over the
     same micro batches, so its losses from step 1 are the 2-rank ones (the logged loss is the mean over
     ranks)."""
-    for one, two in (("w1-z2", "z2"), ("w1-z3", "z3")):
+    for one, two in (("w1-z2", "z2"), ("w1-z3", "z3"), ("w1-s0", "s0")):
         a, b = losses(runs, one), losses(runs, two)
         assert a.keys() == b.keys() and worst_relative(a, b) <= 1e-5, (a, b)
     assert json.loads((runs / "w1-z2" / "run_config.json").read_text())["run"]["grad_accum"] == 2
@@ -216,6 +223,24 @@ def test_one_log_line_says_what_changed(runs):
 
 
 @pytest.mark.slow
+def test_a_stage_0_checkpoint_resumes_on_another_rank_count_without_conversion(runs):
+    """ZeRO stage 0 keeps every state whole (one model-states file for all ranks): 2 -> 1 and 1 -> 2
+    ranks load it as it is (their losses and weights are checked with the others above), no
+    universal folder is made, and the log line says what changed."""
+    logs = "".join((runs / f"{x}.log").read_text() for x in "abc")
+    dropout = "so dropout masks differ from an uninterrupted run"
+    for name, what in (
+        ("s0to1", f"2 ranks -> 1 rank; RNG state of rank 1 dropped, {dropout}"),
+        ("w1s0to2", f"1 rank -> 2 ranks; rank 1 seeded from the run's seed and step, {dropout}"),
+    ):
+        source = step3(runs, RESUMES[name][2])
+        assert f"[bertscale] Resumed from {source} (step 3): {what}\n" in logs, name
+        assert f"converting {source}" not in logs, name
+        assert not (source / "universal").exists() and not list(source.glob(".universal*")), name
+    assert checkpoint.read_state(step3(runs, "s0"))["zero_stage"] == 0
+
+
+@pytest.mark.slow
 def test_rng_streams_of_kept_ranks_carry_over_and_new_ranks_are_seeded(runs):
     """Each rank drew torch.rand(1) right after its step-3 save or its resume."""
 
@@ -225,7 +250,7 @@ def test_rng_streams_of_kept_ranks_carry_over_and_new_ranks_are_seeded(runs):
 
     assert draws("z2to1") == draws("z2")[:1]  # rank 0 kept, rank 1's stream dropped
     assert draws("z2toz3") == draws("z2")  # same ranks: every stream carries over (dropout stays exact)
-    universal.seed_rank(SEED, SAVE_AT, 1)
+    rng.seed_rank(SEED, SAVE_AT, 1)
     assert draws("w1z2to2") == [draws("w1-z2")[0], torch.rand(1).item()]  # rank 1 new: seeded from seed, step
 
 
@@ -299,7 +324,8 @@ def test_incomplete_checkpoint_is_refused_with_one_message(z2_copy):
 def test_checkpoint_without_zero_partitions_is_refused(z2_copy):
     state = json.loads((z2_copy / checkpoint.STATE_FILE).read_text())
     (z2_copy / checkpoint.STATE_FILE).write_text(json.dumps({**state, "zero_stage": 0}))
-    with pytest.raises(UserError, match=r"without ZeRO partitioning \(stage 0\).*bertscale export --checkpoint"):
+    expected = r"without ZeRO partitioning \(stage 0.*ZeRO stage 0 and fp32 \(on any number of ranks\).*export"
+    with pytest.raises(UserError, match=expected):
         universal.convert(z2_copy)
 
 

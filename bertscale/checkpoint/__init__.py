@@ -4,7 +4,7 @@ weights-only unpickling (safe_load.py), and HF export (export.py)."""
 
 from .export import consolidated_state_dict, export
 from .load import load
-from .resume import changes, check_same_setup, plan_resume
+from .resume import changes, check_same_setup, loads_directly, plan_resume
 from .safe_load import safe_load
 from .save import STATE_FILE, engine_setup, latest, prune, read_state, root, save
 from .universal import load as load_universal
@@ -20,6 +20,7 @@ __all__ = [
     "latest",
     "load",
     "load_universal",
+    "loads_directly",
     "plan_resume",
     "prepare_universal",
     "prune",

@@ -1,26 +1,27 @@
 """Loading a checkpoint into a built engine: model, optimizer, scheduler, loss scaler and RNG state,
-exactly as they were (see _replay_cpu_adam_beta_powers)."""
+exactly as they were (see _replay_cpu_adam_beta_powers). A ZeRO stage 0 checkpoint holds every state
+whole, so it loads on any number of ranks this way too; other changes of setup go through universal.py."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import distributed as dist
 from ..errors import UserError
-from .resume import check_same_setup
-from .safe_load import safe_load, weights_only_loads
+from .resume import changes, check_same_setup
+from .rng import restore_rng
+from .safe_load import weights_only_loads
 from .save import SETUP_KEYS, engine_setup, read_state
 
 
-def load(engine, ckpt: Path) -> dict:
-    """Restore engine, optimizer, scheduler, loss scaler and RNG state; returns trainer state."""
+def load(engine, ckpt: Path, seed: int) -> tuple[dict, str]:
+    """Restore engine, optimizer, scheduler, loss scaler and RNG state. Returns the trainer state and
+    what changed, in words ("" when nothing did), for the log line."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    check_same_setup(ckpt, state, engine_setup(engine))
+    now = engine_setup(engine)
+    check_same_setup(ckpt, state, now)
     with weights_only_loads(engine):
         path, _ = engine.load_checkpoint(
             str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -28,8 +29,9 @@ def load(engine, ckpt: Path) -> dict:
     if path is None:
         raise UserError(f"{ckpt}: DeepSpeed could not load this checkpoint (files missing?)")
     _replay_cpu_adam_beta_powers(engine)
-    _set_rng_state(safe_load(ckpt / f"rng_rank{dist.rank()}.pt"))
-    return {k: v for k, v in state.items() if k not in SETUP_KEYS}
+    rng = restore_rng(ckpt, state, seed)  # the rank count may differ (stage 0)
+    what = ", ".join(changes(state, now)) + (f"; {rng}" if rng else "")
+    return {k: v for k, v in state.items() if k not in SETUP_KEYS}, what
 
 
 def _replay_cpu_adam_beta_powers(engine) -> None:
@@ -85,12 +87,3 @@ def _replay_cpu_adam_beta_powers(engine) -> None:
         return
     for t in range(1, max(steps) + 1):
         kernel_step(t)
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -2,8 +2,8 @@
 
 Decided before anything is built or written, so a refused resume leaves the output dir as it was.
 Another model or task is refused; another number of ranks, ZeRO stage or precision is not: the
-trainer resumes those through a universal checkpoint (universal.py), and `changes` says in words
-what differs.
+trainer resumes those through a universal checkpoint (universal.py), or directly where only the rank
+count changed under ZeRO stage 0 (`loads_directly`), and `changes` says in words what differs.
 """
 
 from __future__ import annotations
@@ -103,15 +103,28 @@ def changes(saved: dict, now: dict) -> list[str]:
     ]
 
 
+def loads_directly(saved: dict, now: dict) -> bool:
+    """Whether load.py takes the checkpoint as it is: the same setup, or only another number of ranks
+    where both runs use ZeRO stage 0 (no partitions: each rank holds, and the checkpoint keeps, the
+    whole model and optimizer states). Any other change goes through a universal checkpoint."""
+    return not _blocking_changes(saved, now)
+
+
+def _blocking_changes(saved: dict, now: dict) -> list[str]:
+    whole = saved.get("zero_stage") == now.get("zero_stage") == 0
+    changed = [k for k in SETUP_WORDS if k in saved and k in now and saved[k] != now[k]]
+    return [k for k in changed if not (k == "world_size" and whole)]
+
+
 def check_same_setup(ckpt: Path, state: dict, now: dict) -> None:
     """ZeRO checkpoints hold per-rank partitions in one stage's layout and precision: the exact load
     refuses another setup (which DeepSpeed would fail on with a traceback, or load inexactly); the
     trainer sends those through universal.py instead."""
-    for key, words in SETUP_WORDS.items():
-        if key in now and key in state and state[key] != now[key]:
-            raise UserError(
-                f"{ckpt} was written with {words(state[key])} and this run has {words(now[key])}: a resume needs "
-                "the same number of ranks, ZeRO stage and precision. Or continue from its weights (optimizer "
-                f"state reset): bertscale export --checkpoint {ckpt} --output W, then train with --model W in a "
-                "new --output-dir"
-            )
+    for key in _blocking_changes(state, now):
+        words = SETUP_WORDS[key]
+        raise UserError(
+            f"{ckpt} was written with {words(state[key])} and this run has {words(now[key])}: a resume needs "
+            "the same number of ranks, ZeRO stage and precision. Or continue from its weights (optimizer "
+            f"state reset): bertscale export --checkpoint {ckpt} --output W, then train with --model W in a "
+            "new --output-dir"
+        )

@@ -20,21 +20,20 @@ import contextlib
 import io
 import json
 import os
-import random
 import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import distributed as dist
 from ..errors import UserError, first_line
-from .load import _replay_cpu_adam_beta_powers, _set_rng_state
+from .load import _replay_cpu_adam_beta_powers
 from .resume import SETUP_WORDS, changes
-from .safe_load import forced_weights_only, safe_load
+from .rng import restore_rng
+from .safe_load import forced_weights_only
 from .save import SETUP_KEYS, _fsync_tree, engine_setup, read_state
 
 UNIVERSAL = "universal"
@@ -139,8 +138,11 @@ def _check_convertible(ckpt: Path, state: dict) -> None:
     )
     if int(state.get("zero_stage", 0)) < 1:
         raise UserError(
-            f"{ckpt} was written without ZeRO partitioning (stage 0), which DeepSpeed cannot convert "
-            f"to a universal checkpoint; {how}"
+            f"{ckpt} was written without ZeRO partitioning (stage 0, the single_node preset in fp32), which "
+            f"DeepSpeed cannot convert to a universal checkpoint for another ZeRO stage or precision; resume "
+            f"with ZeRO stage 0 and {state.get('precision')} (on any number of ranks), or continue from its "
+            f"weights with a reset optimizer: bertscale export --checkpoint {ckpt} --output W, then train with "
+            "--model W in a new --output-dir"
         )
     if (ckpt / "offloaded_tensors").exists():
         raise UserError(
@@ -292,41 +294,6 @@ def _appears(path: Path, seconds: float) -> bool:
             return False
         time.sleep(1)
     return True
-
-
-def restore_rng(ckpt: Path, state: dict, seed: int) -> str | None:
-    """Ranks that existed when the checkpoint was written get their RNG streams back; new ranks
-    are seeded from (seed, step, rank); the streams of ranks that are gone are dropped. Returns
-    what that changes, in words, or None when every stream carries over."""
-    old, new, rank = int(state.get("world_size", 1)), dist.world_size(), dist.rank()
-    saved = ckpt / f"rng_rank{rank}.pt"
-    kept = rank < old and saved.is_file()
-    if kept:
-        _set_rng_state(safe_load(saved))
-    else:
-        seed_rank(seed, int(state["step"]), rank)
-    lost = dist.any_rank(rank < old and not kept)  # a save always writes every rank's file
-    if old == new and not lost:
-        return None
-    what = ([f"RNG {_ranks(new, old, 'state')} dropped"] if old > new else []) + (
-        [f"{_ranks(old, new)} seeded from the run's seed and step"] if new > old else []
-    )
-    if lost:
-        what.append("ranks without their saved RNG state seeded from the run's seed and step")
-    return " and ".join(what) + ", so dropout masks differ from an uninterrupted run"
-
-
-def _ranks(first: int, stop: int, of: str = "") -> str:
-    one = stop - first == 1
-    ranks = f"rank {first}" if one else f"ranks {first}-{stop - 1}"
-    return f"{of}{'' if one else 's'} of {ranks}" if of else ranks
-
-
-def seed_rank(seed: int, step: int, rank: int) -> None:
-    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-    random.seed(derived)
-    np.random.seed(derived)
-    torch.manual_seed(derived)
 
 
 # --- export ----------------------------------------------------------------------------------

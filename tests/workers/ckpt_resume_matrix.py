@@ -61,7 +61,7 @@ def engine_logits(ckpt: Path, dest: Path, flags: list[str]) -> None:
 
     torch.load = spy
     try:
-        checkpoint.load(engine, ckpt)
+        checkpoint.load(engine, ckpt, run.optim.seed)
     finally:
         torch.load = real_load
     batch = task.collate(data.rows_of(feats, list(range(8))))
