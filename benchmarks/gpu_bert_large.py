@@ -304,7 +304,7 @@ def start_micro_batch(args, case: Case) -> int:
     total, largest = plan.count_params(config, model_class)
     stage = "ZeRO-1" if case.preset == "single_node" else "ZeRO-2"
     fixed = plan.model_state_bytes(stage, total, largest, 1, 1, case.precision)[0]
-    fixed += plan.buffer_bytes(stage, case.precision) + plan.CUDA_CONTEXT
+    fixed += plan.buffer_bytes(stage, case.precision, total) + plan.CUDA_CONTEXT
     micro = args.max_micro_batch[case.task]
     shape = memory_model.BertShape.of(config)
     while micro > 1:

@@ -112,10 +112,14 @@ def model_state_bytes(stage: str, total: int, largest: int, gpus: int, nodes: in
     return int(gpu), int(cpu)
 
 
-def buffer_bytes(stage: str, precision: str) -> int:
-    """DeepSpeed's communication buckets, sized by the preset configs."""
+def buffer_bytes(stage: str, precision: str, total: int) -> int:
+    """DeepSpeed's communication buckets, sized by the preset configs (`total`: parameters)."""
     zero = ds_config.load(STAGE_PRESET[stage])[1]["zero_optimization"]
     p = memory_model.PRECISION_BYTES[precision]
+    if stage == "ZeRO-1" and ds_config.auto_stage(precision) == 0:
+        # single_node in fp32 runs ZeRO-0: the gradients are all-reduced after the backward through
+        # flat copies of at most 5e8 elements (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE)
+        return min(total, 500_000_000) * p
     reduce = int(zero.get("reduce_bucket_size", 5e8)) * p
     if stage in ("ZeRO-1", "ZeRO-2"):  # overlap_comm double-buffers the gradient bucket
         return reduce * (2 if zero.get("overlap_comm") else 1)
@@ -192,7 +196,7 @@ def plan(
     def option(stage, mb, ckpt):
         gpu, cpu = model_state_bytes(stage, total, largest, gpus, nodes, precision)
         act = memory_model.estimate(shape, seq_len, mb, precision, memory_model.CUDA, task_cls.plan_head).peak(ckpt)
-        opt = Option(stage, mb, ckpt, gpu, act, buffer_bytes(stage, precision), cpu)
+        opt = Option(stage, mb, ckpt, gpu, act, buffer_bytes(stage, precision, total), cpu)
         opt.fits = opt.total <= usable
         return opt
 

@@ -163,6 +163,18 @@ def test_single_node_counts_the_model_states_unpartitioned():
         assert result.choice.stage == "ZeRO-1"
 
 
+def test_single_node_in_fp32_is_planned_and_configured_as_zero0():
+    """fp32: 4 + 4 + 8 bytes a parameter (no second fp32 copy), the gradients all-reduced through one
+    flat copy instead of ZeRO-1's two 2e8-element buckets; the config written runs stage 0."""
+    total, _ = count_params(load_model_config(LARGE))
+    result = plan(LARGE, 1, "80GB", 384, global_batch=32, precision="fp32")
+    option = result.options["ZeRO-1"][0]
+    assert option.model_states == 16 * total and option.buffers == 4 * total
+    assert result.choice.stage == "ZeRO-1" and result.ds_config["zero_optimization"]["stage"] == 0
+    fp16 = plan(LARGE, 1, "80GB", 384, global_batch=32, precision="fp16").options["ZeRO-1"][0]
+    assert fp16.buffers == 2 * 200_000_000 * 2  # overlap_comm's two reduce buckets
+
+
 def test_zero2_when_the_model_states_need_partitioning():
     """8 GPUs of 6 GB: BERT-large's states (20 bytes a parameter, 6.2 GiB) do not fit one GPU whole,
     ZeRO-2 splits them 8 ways."""
