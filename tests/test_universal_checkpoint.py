@@ -329,7 +329,28 @@ def test_checkpoint_without_zero_partitions_is_refused(z2_copy):
         universal.convert(z2_copy)
 
 
+@pytest.mark.slow
+def test_a_zero_checkpoint_resumed_at_stage_0_is_refused_with_the_flag_that_resumes_it(runs, tmp_path):
+    """DeepSpeed cannot load a universal checkpoint into a ZeRO-0 engine (single_node in fp32): it
+    failed deep in torch's optimizer. Now: one line, exit code 2, the flag that works, nothing written."""
+    out = tmp_path / "out"
+    run = ["finetune", *FLAGS, "--ds-config", "single_node", "--fp32", "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "bertscale", *run, "--resume", str(step3(runs, "z2"))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "written with ZeRO stage 2 and this run has ZeRO stage 0" in proc.stderr, proc.stderr[-3000:]
+    assert "Resume with --zero-stage 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(step3(runs, "z2").glob(".universal.tmp-*"))
+
+
 # --- pure logic (no engine) ------------------------------------------------------------------
+
+
+def test_only_a_stage_0_checkpoint_resumes_at_stage_0():
+    universal.check_target("ck", {"zero_stage": 0}, 0)
+    universal.check_target("ck", {"zero_stage": 2}, 1)
+    with pytest.raises(UserError, match=r"ZeRO stage 2 and this run has ZeRO stage 0.*--zero-stage 2"):
+        universal.check_target("ck", {"zero_stage": 2}, 0)
 
 
 def test_changes_in_words():

@@ -7,6 +7,7 @@ from .load import load
 from .resume import changes, check_same_setup, loads_directly, plan_resume
 from .safe_load import safe_load
 from .save import STATE_FILE, engine_setup, latest, prune, read_state, root, save
+from .universal import check_target as check_universal_target
 from .universal import load as load_universal
 from .universal import prepare as prepare_universal
 
@@ -14,6 +15,7 @@ __all__ = [
     "STATE_FILE",
     "changes",
     "check_same_setup",
+    "check_universal_target",
     "consolidated_state_dict",
     "engine_setup",
     "export",

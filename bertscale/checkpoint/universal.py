@@ -80,6 +80,20 @@ def prepare(ckpt) -> Path:
     return Path(value)
 
 
+def check_target(ckpt, state: dict, zero_stage: int) -> None:
+    """DeepSpeed loads a universal checkpoint into a ZeRO-1/2/3 engine only: a stage-0 one (the
+    single_node preset in fp32) would fail deep in torch's optimizer. Refused here, before any work,
+    with the flag that resumes it (its own stage, on any rank count)."""
+    if zero_stage == 0 and int(state.get("zero_stage", 0)) != 0:
+        raise UserError(
+            f"{ckpt} was written with ZeRO stage {state['zero_stage']} and this run has ZeRO stage 0 (the "
+            "single_node preset in fp32, or --zero-stage 0), which DeepSpeed cannot load it into. Resume with "
+            f"--zero-stage {state['zero_stage']} (on any number of ranks), or continue from its weights with a "
+            f"reset optimizer: bertscale export --checkpoint {ckpt} --output W, then train with --model W in a "
+            "new --output-dir"
+        )
+
+
 def convert(ckpt) -> Path:
     """step-N/universal/, converted now unless a complete conversion by this format and
     DeepSpeed version is already there. One process only (rank 0)."""
