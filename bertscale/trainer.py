@@ -181,7 +181,7 @@ def universal_resume(ckpt: Path, ds_cfg: dict, world: int, streaming: bool) -> b
         )
     if checkpoint.loads_directly(saved, now):
         return False
-    checkpoint.check_universal_target(ckpt, saved, now["zero_stage"])
+    checkpoint.check_universal_target(ckpt, saved, now["zero_stage"], now["precision"])
     checkpoint.prepare_universal(ckpt)
     return True
 

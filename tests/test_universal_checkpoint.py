@@ -2,7 +2,8 @@
 run's losses and exported weights are the uninterrupted run's; the conversion runs once, survives
 SIGKILL, loads weights-only, and is refused with one clear message where DeepSpeed cannot convert.
 A ZeRO stage 0 checkpoint (single_node in fp32) holds whole states and resumes on another number of
-ranks as it is, with no conversion.
+ranks as it is, with no conversion; a ZeRO-1/2/3 one resumes at stage 0 in fp32 through bertscale's
+own loader (DeepSpeed's universal loaders take ZeRO-1/2/3 engines only).
 
 Real trainer runs (tests/workers/universal_resume.py: `bertscale finetune` on tiny SQuAD, fp32,
 dropout off, global batch 8 = micro 4 x accumulation x ranks) in three launches:
@@ -10,7 +11,7 @@ dropout off, global batch 8 = micro 4 x accumulation x ranks) in three launches:
      and resumes of z2's and z3's step 3 on another stage with the same ranks (z2 -> z3, z3 -> z2,
      z2 -> ZeRO-3 offload);
   B, 1 rank (accumulation 2): resumes of z2's, z3's and s0's step 3 (2 -> 1 rank), one in bf16, one
-     from a copy whose conversion was SIGKILLed, one with global batch 4; and 1-rank runs w1-z2,
+     at ZeRO-0, one from a copy whose conversion was SIGKILLed, one with global batch 4; and 1-rank runs w1-z2,
      w1-z3, w1-s0 (the sources for C);
   C, 2 ranks: resumes of w1-z2's, w1-z3's and w1-s0's step 3 (1 -> 2 ranks).
 Six steps cross an epoch boundary (4 steps per epoch), so the data position carries over too.
@@ -65,6 +66,7 @@ LAUNCH_B = {
     "w1-z2": ("zero2", "fp32", None, "z2"),
     "w1-z3": ("zero3", "fp32", None, "z3"),
     "s0to1": ("single_node", "fp32", "s0", "s0"),
+    "z2to0": ("single_node", "fp32", "z2", "z2"),  # into ZeRO-0, which DeepSpeed's universal loaders do not take
     "w1-s0": ("single_node", "fp32", None, "s0"),
 }
 LAUNCH_C = {
@@ -215,6 +217,7 @@ def test_one_log_line_says_what_changed(runs):
         "w1z3to2": f"1 rank -> 2 ranks; rank 1 seeded from the run's seed and step, {dropout}",
         "z2toz3": "ZeRO stage 2 -> ZeRO stage 3\n",
         "z2to1bf16": f"2 ranks -> 1 rank, fp32 -> bf16; RNG state of rank 1 dropped, {dropout}",
+        "z2to0": f"2 ranks -> 1 rank, ZeRO stage 2 -> ZeRO stage 0; RNG state of rank 1 dropped, {dropout}",
         "z2to1g4": f"2 ranks -> 1 rank; RNG state of rank 1 dropped, {dropout}; global batch 8 -> 4: training "
         "continues from sample 24 (sample 24 of epoch 0), the learning-rate schedule from step 3",
     }
@@ -260,7 +263,7 @@ def test_rng_streams_of_kept_ranks_carry_over_and_new_ranks_are_seeded(runs):
 @pytest.mark.slow
 def test_conversion_runs_once_and_is_reused(runs):
     logs = "".join((runs / f"{x}.log").read_text() for x in "abc")
-    for name in ("z2", "z3", "w1-z2"):  # z2's step 3 is resumed five times
+    for name in ("z2", "z3", "w1-z2"):  # z2's step 3 is resumed six times
         assert logs.count(f"converting {step3(runs, name)} to a universal checkpoint") == 1, name
     marker = json.loads((step3(runs, "z2") / "universal" / universal.MARKER).read_text())
     assert marker["source"] == {"step": 3, "world_size": 2, "zero_stage": 2, "precision": "fp32"}
@@ -330,27 +333,29 @@ def test_checkpoint_without_zero_partitions_is_refused(z2_copy):
 
 
 @pytest.mark.slow
-def test_a_zero_checkpoint_resumed_at_stage_0_is_refused_with_the_flag_that_resumes_it(runs, tmp_path):
-    """DeepSpeed cannot load a universal checkpoint into a ZeRO-0 engine (single_node in fp32): it
-    failed deep in torch's optimizer. Now: one line, exit code 2, the flag that works, nothing written."""
+def test_a_zero_checkpoint_resumed_at_stage_0_in_bf16_is_refused_with_the_flag_that_resumes_it(runs, tmp_path):
+    """Stage 0 in 16 bits wraps the optimizer in DeepSpeed's own 16-bit optimizers, which take no
+    universal checkpoint (fp32 stage 0 does: z2to0 above). One line, exit code 2, the flag that works,
+    nothing written."""
     out = tmp_path / "out"
-    run = ["finetune", *FLAGS, "--ds-config", "single_node", "--fp32", "--output-dir", str(out)]
+    run = ["finetune", *FLAGS, "--ds-config", "single_node", "--bf16", "--zero-stage", "0", "--output-dir", str(out)]
     cmd = [sys.executable, "-m", "bertscale", *run, "--resume", str(step3(runs, "z2"))]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "written with ZeRO stage 2 and this run has ZeRO stage 0" in proc.stderr, proc.stderr[-3000:]
+    assert "written with ZeRO stage 2 and this run has ZeRO stage 0 in bf16" in proc.stderr, proc.stderr[-3000:]
     assert "Resume with --zero-stage 2" in proc.stderr and "Traceback" not in proc.stderr
-    assert not out.exists() and not list(step3(runs, "z2").glob(".universal.tmp-*"))
+    assert not out.exists()
 
 
 # --- pure logic (no engine) ------------------------------------------------------------------
 
 
-def test_only_a_stage_0_checkpoint_resumes_at_stage_0():
-    universal.check_target("ck", {"zero_stage": 0}, 0)
-    universal.check_target("ck", {"zero_stage": 2}, 1)
-    with pytest.raises(UserError, match=r"ZeRO stage 2 and this run has ZeRO stage 0.*--zero-stage 2"):
-        universal.check_target("ck", {"zero_stage": 2}, 0)
+def test_a_zero_checkpoint_resumes_at_stage_0_in_fp32_only():
+    universal.check_target("ck", {"zero_stage": 2}, 0, "fp32")
+    universal.check_target("ck", {"zero_stage": 2}, 1, "bf16")
+    universal.check_target("ck", {"zero_stage": 0}, 0, "bf16")  # loads directly (same stage)
+    with pytest.raises(UserError, match=r"ZeRO stage 2 and this run has ZeRO stage 0 in fp16.*--zero-stage 2"):
+        universal.check_target("ck", {"zero_stage": 2}, 0, "fp16")
 
 
 def test_changes_in_words():

@@ -80,17 +80,17 @@ def prepare(ckpt) -> Path:
     return Path(value)
 
 
-def check_target(ckpt, state: dict, zero_stage: int) -> None:
-    """DeepSpeed loads a universal checkpoint into a ZeRO-1/2/3 engine only: a stage-0 one (the
-    single_node preset in fp32) would fail deep in torch's optimizer. Refused here, before any work,
-    with the flag that resumes it (its own stage, on any rank count)."""
-    if zero_stage == 0 and int(state.get("zero_stage", 0)) != 0:
+def check_target(ckpt, state: dict, zero_stage: int, precision: str) -> None:
+    """A universal checkpoint loads into ZeRO-1/2/3 engines (DeepSpeed) and into a stage-0 fp32 engine
+    (`_load_into_stage_0`: the single_node preset in fp32). Stage 0 in fp16/bf16 wraps the optimizer in
+    DeepSpeed's own 16-bit optimizers, which take no universal checkpoint: refused here, before any
+    work, with the flag that resumes it (its own stage, on any rank count)."""
+    if zero_stage == 0 and precision != "fp32" and int(state.get("zero_stage", 0)) != 0:
         raise UserError(
-            f"{ckpt} was written with ZeRO stage {state['zero_stage']} and this run has ZeRO stage 0 (the "
-            "single_node preset in fp32, or --zero-stage 0), which DeepSpeed cannot load it into. Resume with "
-            f"--zero-stage {state['zero_stage']} (on any number of ranks), or continue from its weights with a "
-            f"reset optimizer: bertscale export --checkpoint {ckpt} --output W, then train with --model W in a "
-            "new --output-dir"
+            f"{ckpt} was written with ZeRO stage {state['zero_stage']} and this run has ZeRO stage 0 in "
+            f"{precision}, which DeepSpeed cannot load it into. Resume with --zero-stage {state['zero_stage']} "
+            "(on any number of ranks), or continue from its weights with a reset optimizer: bertscale export "
+            f"--checkpoint {ckpt} --output W, then train with --model W in a new --output-dir"
         )
 
 
@@ -277,16 +277,19 @@ def load(engine, ckpt, seed: int) -> tuple[dict, str]:
         for k in ("loss_scaler", "dynamic_loss_scale", "overflow")
         if hasattr(engine.optimizer, k)
     }
-    engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
-    try:
-        with forced_weights_only(udir):
-            path, _ = engine.load_checkpoint(
-                str(ckpt), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-    finally:
-        engine._config.load_universal_checkpoint = False
-    if path is None:
-        raise UserError(f"{udir}: DeepSpeed could not load this universal checkpoint (files missing?)")
+    if now["zero_stage"] == 0:
+        _load_into_stage_0(engine, udir)
+    else:
+        engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        try:
+            with forced_weights_only(udir):
+                path, _ = engine.load_checkpoint(
+                    str(ckpt), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise UserError(f"{udir}: DeepSpeed could not load this universal checkpoint (files missing?)")
     # The ZeRO-3 loader gives every param group the hyperparameters of group 0 (weight decay on
     # biases and LayerNorms): keep this run's own; the LR comes from the restored schedule.
     for group, own in zip(opt.param_groups, hyper):
@@ -298,6 +301,38 @@ def load(engine, ckpt, seed: int) -> tuple[dict, str]:
     rng = restore_rng(ckpt, state, seed)
     what = ", ".join(changes(state, now) or ["same setup"]) + (f"; {rng}" if rng else "")
     return {k: v for k, v in state.items() if k not in SETUP_KEYS}, what
+
+
+def _load_into_stage_0(engine, udir: Path) -> None:
+    """DeepSpeed loads universal checkpoints into ZeRO-1/2/3 engines only. A stage-0 fp32 engine (the
+    single_node preset in fp32) steps the module's own weights with a plain FusedAdam, so each
+    parameter's fp32 weights, Adam moments and step come from zero/<name>/ (the stock parameter names
+    the module has too), and the schedule and counters from the model states."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    opt, names = engine.optimizer, {id(p): n for n, p in engine.module.named_parameters()}
+    with forced_weights_only(udir), torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                folder = udir / "zero" / names[id(p)]
+                if not folder.is_dir():
+                    raise UserError(f"{udir}: no state for parameter {names[id(p)]}; is it a checkpoint of this model?")
+                fp32, exp_avg, exp_avg_sq = (
+                    torch.load(folder / f"{k}.pt", map_location=p.device)[PARAM].view_as(p)
+                    for k in ("fp32", "exp_avg", "exp_avg_sq")
+                )
+                p.copy_(fp32)
+                # FusedAdam steps a group with the step of its last parameter's state: every one gets it
+                step = int(torch.load(folder / "step.pt"))
+                opt.state[p] = {"step": step, "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
+        model_state = torch.load(udir / MODEL_FILES[0], map_location="cpu")
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(model_state["lr_scheduler"])
+    # DeepSpeed's schedulers restore the iteration only; the optimizer's groups need its LR for the next step
+    scheduler.step(scheduler.last_batch_iteration)
+    engine.global_steps = model_state["global_steps"]
+    engine.global_samples = model_state["global_samples"]
+    engine.skipped_steps = model_state["skipped_steps"]
 
 
 def _appears(path: Path, seconds: float) -> bool:
