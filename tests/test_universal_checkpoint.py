@@ -56,6 +56,7 @@ LAUNCH_A = {
     "z3toz2": ("zero2", "fp32", "z3", "z3"),
     "z2to3off": ("zero3_offload", "fp32", "z2", "z2"),
     "s0": ("single_node", "fp32", None, "s0"),  # ZeRO stage 0 (single_node in fp32)
+    "s0toz3": ("zero3", "fp32", "s0", "s0"),  # converted by bertscale (DeepSpeed converts ZeRO-1/2/3 only)
 }
 LAUNCH_B = {
     "z2to1": ("zero2", "fp32", "z2", "z2"),
@@ -66,6 +67,7 @@ LAUNCH_B = {
     "w1-z2": ("zero2", "fp32", None, "z2"),
     "w1-z3": ("zero3", "fp32", None, "z3"),
     "s0to1": ("single_node", "fp32", "s0", "s0"),
+    "s0toz2": ("zero2", "fp32", "s0", "s0"),
     "z2to0": ("single_node", "fp32", "z2", "z2"),  # into ZeRO-0, which DeepSpeed's universal loaders do not take
     "w1-s0": ("single_node", "fp32", None, "s0"),
 }
@@ -218,6 +220,8 @@ def test_one_log_line_says_what_changed(runs):
         "z2toz3": "ZeRO stage 2 -> ZeRO stage 3\n",
         "z2to1bf16": f"2 ranks -> 1 rank, fp32 -> bf16; RNG state of rank 1 dropped, {dropout}",
         "z2to0": f"2 ranks -> 1 rank, ZeRO stage 2 -> ZeRO stage 0; RNG state of rank 1 dropped, {dropout}",
+        "s0toz3": "ZeRO stage 0 -> ZeRO stage 3\n",
+        "s0toz2": f"2 ranks -> 1 rank, ZeRO stage 0 -> ZeRO stage 2; RNG state of rank 1 dropped, {dropout}",
         "z2to1g4": f"2 ranks -> 1 rank; RNG state of rank 1 dropped, {dropout}; global batch 8 -> 4: training "
         "continues from sample 24 (sample 24 of epoch 0), the learning-rate schedule from step 3",
     }
@@ -228,8 +232,9 @@ def test_one_log_line_says_what_changed(runs):
 @pytest.mark.slow
 def test_a_stage_0_checkpoint_resumes_on_another_rank_count_without_conversion(runs):
     """ZeRO stage 0 keeps every state whole (one model-states file for all ranks): 2 -> 1 and 1 -> 2
-    ranks load it as it is (their losses and weights are checked with the others above), no
-    universal folder is made, and the log line says what changed."""
+    ranks load it as it is (their losses and weights are checked with the others above), with no
+    conversion (w1-s0's step 3 is never converted; s0's is, once, for s0toz3), and the log line says
+    what changed."""
     logs = "".join((runs / f"{x}.log").read_text() for x in "abc")
     dropout = "so dropout masks differ from an uninterrupted run"
     for name, what in (
@@ -238,8 +243,8 @@ def test_a_stage_0_checkpoint_resumes_on_another_rank_count_without_conversion(r
     ):
         source = step3(runs, RESUMES[name][2])
         assert f"[bertscale] Resumed from {source} (step 3): {what}\n" in logs, name
-        assert f"converting {source}" not in logs, name
-        assert not (source / "universal").exists() and not list(source.glob(".universal*")), name
+    w1 = step3(runs, "w1-s0")
+    assert f"converting {w1}" not in logs and not (w1 / "universal").exists() and not list(w1.glob(".universal*"))
     assert checkpoint.read_state(step3(runs, "s0"))["zero_stage"] == 0
 
 
@@ -263,7 +268,7 @@ def test_rng_streams_of_kept_ranks_carry_over_and_new_ranks_are_seeded(runs):
 @pytest.mark.slow
 def test_conversion_runs_once_and_is_reused(runs):
     logs = "".join((runs / f"{x}.log").read_text() for x in "abc")
-    for name in ("z2", "z3", "w1-z2"):  # z2's step 3 is resumed six times
+    for name in ("z2", "z3", "w1-z2", "s0"):  # z2's step 3 is resumed six times, s0's three
         assert logs.count(f"converting {step3(runs, name)} to a universal checkpoint") == 1, name
     marker = json.loads((step3(runs, "z2") / "universal" / universal.MARKER).read_text())
     assert marker["source"] == {"step": 3, "world_size": 2, "zero_stage": 2, "precision": "fp32"}
@@ -281,7 +286,7 @@ def test_sigkill_during_conversion_leaves_the_checkpoint_usable_and_the_next_res
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["z2", "z3"])
+@pytest.mark.parametrize("name", ["z2", "z3", "s0"])
 def test_export_from_a_universal_checkpoint_equals_export_from_the_checkpoint(runs, name, tmp_path):
     """`bertscale export --checkpoint step-N/universal` writes the weights `--checkpoint step-N` does."""
     from safetensors.torch import load_file
@@ -324,10 +329,12 @@ def test_incomplete_checkpoint_is_refused_with_one_message(z2_copy):
 
 
 @pytest.mark.slow
-def test_checkpoint_without_zero_partitions_is_refused(z2_copy):
+def test_a_stage_0_checkpoint_without_its_parameter_names_is_refused(z2_copy):
+    """A stage-0 checkpoint keeps FusedAdam's state by position: without optimizer_params.json (a stage-0
+    run in 16 bits, or a checkpoint from before bertscale wrote it) nothing names the positions."""
     state = json.loads((z2_copy / checkpoint.STATE_FILE).read_text())
     (z2_copy / checkpoint.STATE_FILE).write_text(json.dumps({**state, "zero_stage": 0}))
-    expected = r"without ZeRO partitioning \(stage 0.*ZeRO stage 0 and fp32 \(on any number of ranks\).*export"
+    expected = r"stage 0\) and without optimizer_params.json.*ZeRO stage 0 and fp32 \(on any number of ranks\).*export"
     with pytest.raises(UserError, match=expected):
         universal.convert(z2_copy)
 

@@ -5,6 +5,8 @@ Layout: OUTPUT/checkpoints/step-N/ holds DeepSpeed's files for tag step-N, plus
                       stage, precision, global batch
   universal/          (only after a resume on another setup) its conversion: see universal.py
   rng_rank{R}.pt      python/numpy/torch RNG states of rank R
+  optimizer_params.json  (ZeRO stage 0 in fp32) the parameter names of each optimizer group, in the
+                      optimizer's order: what converting it to a universal checkpoint needs
   hf/                 model config + tokenizer, so export needs nothing but this folder
 A save is written as .tmp-step-N and renamed when every rank has finished, and only then is
 `latest` updated; a crash mid-save leaves the previous checkpoint as the newest complete one.
@@ -62,6 +64,8 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
         config.architectures = [stock_class_name(engine.module)]  # unset for randomly initialised models
         config.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
+        if full_state["zero_stage"] == 0 and full_state["precision"] == "fp32":
+            write_json_atomic(ckroot / tmp_tag / PARAM_NAMES, optimizer_param_names(engine))
         write_json_atomic(ckroot / tmp_tag / STATE_FILE, full_state)
         _fsync_tree(ckroot / tmp_tag)
         os.rename(ckroot / tmp_tag, final)
@@ -73,6 +77,14 @@ def save(engine, output_dir, state: dict, tokenizer, keep: int, protect: str | N
 
 
 SETUP_KEYS = ("world_size", "zero_stage", "precision", "global_batch")
+PARAM_NAMES = "optimizer_params.json"
+
+
+def optimizer_param_names(engine) -> list[list[str]]:
+    """The names of each optimizer group's parameters, in its order. A stage-0 checkpoint keeps the
+    optimizer's state by position only (torch's state_dict), which universal.py maps back to names."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
 
 
 def engine_setup(engine) -> dict:

@@ -8,10 +8,11 @@ temporary name and renamed when complete, so a conversion killed midway leaves t
 it was and the next resume converts again; the folder is pruned together with step-N.
 
 DeepSpeed 0.19 converts ZeRO-1/2 and ZeRO-3 checkpoints, but each stage's loader reads only the
-layout its own stage's converter writes. `_make_stage_neutral` rewrites the converted folder into
-one that both loaders read (file names, optimizer_state.pt, per-parameter step, tensor shapes),
-and `load` undoes what the ZeRO-3 loader gets wrong (every param group takes group 0's weight
-decay). Every torch.load in here, DeepSpeed's included, is weights-only.
+layout its own stage's converter writes. It neither converts nor loads ZeRO-0 (single_node in fp32):
+`_convert_stage_0` and `_load_into_stage_0` do, in the same layout. `_make_stage_neutral`
+rewrites the converted folder into one that both loaders read (file names, optimizer_state.pt,
+per-parameter step, tensor shapes), and `load` undoes what the ZeRO-3 loader gets wrong (every
+param group takes group 0's weight decay). Every torch.load in here, DeepSpeed's included, is weights-only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .load import _replay_cpu_adam_beta_powers
 from .resume import SETUP_WORDS, changes
 from .rng import restore_rng
 from .safe_load import forced_weights_only
-from .save import SETUP_KEYS, _fsync_tree, engine_setup, read_state
+from .save import PARAM_NAMES, SETUP_KEYS, _fsync_tree, engine_setup, read_state
 
 UNIVERSAL = "universal"
 MARKER = "bertscale_universal.json"  # written last: a folder without it is not a finished conversion
@@ -120,8 +121,11 @@ def convert(ckpt) -> Path:
     work = tmp / UNIVERSAL
     tmp.mkdir()
     try:
-        _run_ds_to_universal(ckpt, work, state)
-        _make_stage_neutral(work, int(state["zero_stage"]))
+        if int(state["zero_stage"]) == 0:
+            _convert_stage_0(ckpt, work)
+        else:
+            _run_ds_to_universal(ckpt, work, state)
+            _make_stage_neutral(work, int(state["zero_stage"]))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused or failed conversion leaves the checkpoint as it was
         raise
@@ -150,13 +154,13 @@ def _check_convertible(ckpt: Path, state: dict) -> None:
         f"ZeRO stage {state['zero_stage']}), or continue from its weights with a reset optimizer: "
         f"bertscale export --checkpoint {ckpt} --output W, then train with --model W in a new --output-dir"
     )
-    if int(state.get("zero_stage", 0)) < 1:
+    if int(state.get("zero_stage", 0)) < 1 and not (ckpt / PARAM_NAMES).is_file():
         raise UserError(
-            f"{ckpt} was written without ZeRO partitioning (stage 0, the single_node preset in fp32), which "
-            f"DeepSpeed cannot convert to a universal checkpoint for another ZeRO stage or precision; resume "
-            f"with ZeRO stage 0 and {state.get('precision')} (on any number of ranks), or continue from its "
-            f"weights with a reset optimizer: bertscale export --checkpoint {ckpt} --output W, then train with "
-            "--model W in a new --output-dir"
+            f"{ckpt} was written without ZeRO partitioning (stage 0) and without {PARAM_NAMES} (by a stage-0 "
+            "run in 16 bits, or an older bertscale), so it cannot be converted for another ZeRO stage or "
+            f"precision; resume with ZeRO stage 0 and {state.get('precision')} (on any number of ranks), or "
+            f"continue from its weights with a reset optimizer: bertscale export --checkpoint {ckpt} --output W, "
+            "then train with --model W in a new --output-dir"
         )
     if (ckpt / "offloaded_tensors").exists():
         raise UserError(
@@ -203,6 +207,56 @@ def _run_ds_to_universal(ckpt: Path, work: Path, state: dict) -> None:
             f"is unchanged. Resume it with {state.get('world_size')} ranks and ZeRO stage "
             f"{state.get('zero_stage')}, or start from its weights (bertscale export)"
         ) from None
+
+
+def _convert_stage_0(ckpt: Path, work: Path) -> None:
+    """DeepSpeed converts ZeRO-1/2/3 checkpoints only. A stage-0 fp32 one holds every state whole in
+    one file (the module's weights by name, FusedAdam's moments by position, which optimizer_params.json
+    names): written here in the layout that _make_stage_neutral gives DeepSpeed's conversions."""
+    from deepspeed.checkpoint.constants import CAT_DIM, PARAM
+
+    groups_names = json.loads((ckpt / PARAM_NAMES).read_text())
+    with forced_weights_only(ckpt):
+        model_state = torch.load(ckpt / MODEL_FILES[0], map_location="cpu")
+    optim, module = model_state.pop("optimizer"), model_state["module"]
+    (work / "zero").mkdir(parents=True)
+    shapes, steps = [], set()
+    for group, names in zip(optim["param_groups"], groups_names, strict=True):
+        # FusedAdam advances the step of each group's last parameter only and steps the group with it
+        states = [optim["state"].get(index, {}) for index in group["params"]]
+        steps.add(max([int(s.get("step", 0)) for s in states] + [int(group.get("step", 0))]))
+        for name, st in zip(names, states, strict=True):
+            weight = module[name].float()
+            folder = work / "zero" / name
+            folder.mkdir()
+            torch.save({PARAM: weight, CAT_DIM: 0}, folder / "fp32.pt")
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.save({PARAM: st.get(key, torch.zeros_like(weight)), CAT_DIM: 0}, folder / f"{key}.pt")
+        shapes.append({name: module[name].shape for name in names})
+    if len(steps) != 1:
+        raise UserError(
+            f"{ckpt}: the optimizer's parameter groups stand at different steps ({sorted(steps)}), which a "
+            "universal checkpoint cannot carry"
+        )
+    step = steps.pop()
+    for names in groups_names:
+        for name in names:
+            torch.save(step, work / "zero" / name / "step.pt")
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": [i]} for i, g in enumerate(optim["param_groups"])
+    ]
+    torch.save(
+        {
+            "ds_version": model_state.get("ds_version"),
+            "param_groups": groups,
+            "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+        },
+        work / "zero" / "optimizer_state.pt",
+    )
+    model_state.update(module={}, optimizer=None, param_shapes=shapes, shared_params={})
+    model_state.update(frozen_param_shapes={}, frozen_param_fragments={})
+    for name in MODEL_FILES:
+        torch.save(model_state, work / name)
 
 
 def _make_stage_neutral(work: Path, source_stage: int) -> None:
