@@ -375,6 +375,15 @@ def test_changes_in_words():
     ]
 
 
+def test_only_stage_0_in_fp32_loads_directly_on_another_rank_count():
+    s0 = {"world_size": 2, "zero_stage": 0, "precision": "fp32"}
+    assert checkpoint.loads_directly(s0, {**s0, "world_size": 1})
+    assert checkpoint.loads_directly({**s0, "zero_stage": 2}, {**s0, "zero_stage": 2})  # the same setup
+    assert not checkpoint.loads_directly({**s0, "zero_stage": 2}, {**s0, "zero_stage": 2, "world_size": 1})
+    assert not checkpoint.loads_directly({**s0, "precision": "bf16"}, {**s0, "precision": "bf16", "world_size": 1})
+    assert not checkpoint.loads_directly(s0, {**s0, "zero_stage": 2})
+
+
 def test_a_streamed_data_set_refuses_another_rank_count(tmp_path):
     """A stream is read as one shard per rank: its position cannot move to another rank count."""
     from bertscale import trainer

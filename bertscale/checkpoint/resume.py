@@ -105,13 +105,14 @@ def changes(saved: dict, now: dict) -> list[str]:
 
 def loads_directly(saved: dict, now: dict) -> bool:
     """Whether load.py takes the checkpoint as it is: the same setup, or only another number of ranks
-    where both runs use ZeRO stage 0 (no partitions: each rank holds, and the checkpoint keeps, the
-    whole model and optimizer states). Any other change goes through a universal checkpoint."""
+    where both runs use ZeRO stage 0 in fp32 (no partitions: each rank holds, and the checkpoint keeps,
+    the whole model and optimizer states; DeepSpeed's bf16 stage-0 optimizer partitions its fp32 copy
+    across ranks). Any other change goes through a universal checkpoint."""
     return not _blocking_changes(saved, now)
 
 
 def _blocking_changes(saved: dict, now: dict) -> list[str]:
-    whole = saved.get("zero_stage") == now.get("zero_stage") == 0
+    whole = all(setup.get("zero_stage") == 0 and setup.get("precision") == "fp32" for setup in (saved, now))
     changed = [k for k in SETUP_WORDS if k in saved and k in now and saved[k] != now[k]]
     return [k for k in changed if not (k == "world_size" and whole)]
 
