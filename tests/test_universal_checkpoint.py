@@ -349,20 +349,24 @@ def test_a_zero_checkpoint_resumed_at_stage_0_in_bf16_is_refused_with_the_flag_t
     cmd = [sys.executable, "-m", "bertscale", *run, "--resume", str(step3(runs, "z2"))]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "written with ZeRO stage 2 and this run has ZeRO stage 0 in bf16" in proc.stderr, proc.stderr[-3000:]
-    assert "Resume with --zero-stage 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        "(ZeRO stage 2 in fp32, 2 ranks) would need a universal checkpoint, which this run's ZeRO stage 0 in bf16"
+        " cannot load" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "Resume with --zero-stage 1 or higher" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
 
 
 # --- pure logic (no engine) ------------------------------------------------------------------
 
 
-def test_a_zero_checkpoint_resumes_at_stage_0_in_fp32_only():
+def test_a_universal_checkpoint_loads_at_stage_0_in_fp32_only():
+    """Asked only when the resume takes a universal checkpoint (the same setup loads directly)."""
     universal.check_target("ck", {"zero_stage": 2}, 0, "fp32")
-    universal.check_target("ck", {"zero_stage": 2}, 1, "bf16")
-    universal.check_target("ck", {"zero_stage": 0}, 0, "bf16")  # loads directly (same stage)
-    with pytest.raises(UserError, match=r"ZeRO stage 2 and this run has ZeRO stage 0 in fp16.*--zero-stage 2"):
-        universal.check_target("ck", {"zero_stage": 2}, 0, "fp16")
+    universal.check_target("ck", {"zero_stage": 0}, 2, "bf16")
+    for source in ({"zero_stage": 2, "precision": "fp32"}, {"zero_stage": 0, "precision": "fp32"}):
+        with pytest.raises(UserError, match=r"this run's ZeRO stage 0 in fp16 cannot load.*--zero-stage 1 or"):
+            universal.check_target("ck", source, 0, "fp16")
 
 
 def test_changes_in_words():

@@ -84,14 +84,16 @@ def prepare(ckpt) -> Path:
 def check_target(ckpt, state: dict, zero_stage: int, precision: str) -> None:
     """A universal checkpoint loads into ZeRO-1/2/3 engines (DeepSpeed) and into a stage-0 fp32 engine
     (`_load_into_stage_0`: the single_node preset in fp32). Stage 0 in fp16/bf16 wraps the optimizer in
-    DeepSpeed's own 16-bit optimizers, which take no universal checkpoint: refused here, before any
-    work, with the flag that resumes it (its own stage, on any rank count)."""
-    if zero_stage == 0 and precision != "fp32" and int(state.get("zero_stage", 0)) != 0:
+    DeepSpeed's own 16-bit optimizers, which take none, whatever the checkpoint's own stage: refused
+    here, before any work, with the setups that do resume it."""
+    if zero_stage == 0 and precision != "fp32":
+        own = f"ZeRO stage {state.get('zero_stage')} in {state.get('precision')}"
         raise UserError(
-            f"{ckpt} was written with ZeRO stage {state['zero_stage']} and this run has ZeRO stage 0 in "
-            f"{precision}, which DeepSpeed cannot load it into. Resume with --zero-stage {state['zero_stage']} "
-            "(on any number of ranks), or continue from its weights with a reset optimizer: bertscale export "
-            f"--checkpoint {ckpt} --output W, then train with --model W in a new --output-dir"
+            f"{ckpt} ({own}, {state.get('world_size')} ranks) would need a universal checkpoint, which this "
+            f"run's ZeRO stage 0 in {precision} cannot load (DeepSpeed's 16-bit stage-0 optimizers take none). "
+            "Resume with --zero-stage 1 or higher, or with --fp32, or continue from its weights with a reset "
+            f"optimizer: bertscale export --checkpoint {ckpt} --output W, then train with --model W in a new "
+            "--output-dir"
         )
 
 
@@ -212,7 +214,8 @@ def _run_ds_to_universal(ckpt: Path, work: Path, state: dict) -> None:
 def _convert_stage_0(ckpt: Path, work: Path) -> None:
     """DeepSpeed converts ZeRO-1/2/3 checkpoints only. A stage-0 fp32 one holds every state whole in
     one file (the module's weights by name, FusedAdam's moments by position, which optimizer_params.json
-    names): written here in the layout that _make_stage_neutral gives DeepSpeed's conversions."""
+    names): written here in the layout that _make_stage_neutral gives DeepSpeed's conversions, through
+    the same _write_shared_files."""
     from deepspeed.checkpoint.constants import CAT_DIM, PARAM
 
     groups_names = json.loads((ckpt / PARAM_NAMES).read_text())
@@ -233,30 +236,9 @@ def _convert_stage_0(ckpt: Path, work: Path) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.save({PARAM: st.get(key, torch.zeros_like(weight)), CAT_DIM: 0}, folder / f"{key}.pt")
         shapes.append({name: module[name].shape for name in names})
-    if len(steps) != 1:
-        raise UserError(
-            f"{ckpt}: the optimizer's parameter groups stand at different steps ({sorted(steps)}), which a "
-            "universal checkpoint cannot carry"
-        )
-    step = steps.pop()
-    for names in groups_names:
-        for name in names:
-            torch.save(step, work / "zero" / name / "step.pt")
-    groups = [
-        {k: v for k, v in g.items() if k != "params"} | {"params": [i]} for i, g in enumerate(optim["param_groups"])
-    ]
-    torch.save(
-        {
-            "ds_version": model_state.get("ds_version"),
-            "param_groups": groups,
-            "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
-        },
-        work / "zero" / "optimizer_state.pt",
-    )
-    model_state.update(module={}, optimizer=None, param_shapes=shapes, shared_params={})
+    model_state.update(optimizer=None, param_shapes=shapes, shared_params={})
     model_state.update(frozen_param_shapes={}, frozen_param_fragments={})
-    for name in MODEL_FILES:
-        torch.save(model_state, work / name)
+    _write_shared_files(work, model_state, optim, steps, [name for names in groups_names for name in names])
 
 
 def _make_stage_neutral(work: Path, source_stage: int) -> None:
@@ -284,15 +266,23 @@ def _make_stage_neutral(work: Path, source_stage: int) -> None:
                 steps.add(int(torch.load(folder / "step.pt")))
     if source_stage == 3:
         steps = {int(s["step"]) for s in optim["optimizer_state_dict"]["state"].values()}
+    for f in model_files:
+        f.unlink()
+    _write_shared_files(work, model_state, optim, steps, shapes if source_stage == 3 else ())
+
+
+def _write_shared_files(work: Path, model_state: dict, optim: dict, steps: set[int], need_step) -> None:
+    """What both loaders read besides each parameter's tensors: step.pt for the parameters in
+    `need_step` (the one step all groups stand at), zero/optimizer_state.pt with the keys of both
+    loaders, and the model states without the weights under both loaders' file names."""
     if len(steps) != 1:
         raise UserError(
             f"{work.parent.parent}: the optimizer's parameter groups stand at different steps "
             f"({sorted(steps)}), which a universal checkpoint cannot carry"
         )
     step = steps.pop()
-    if source_stage == 3:
-        for name in shapes:
-            torch.save(step, work / "zero" / name / "step.pt")
+    for name in need_step:
+        torch.save(step, work / "zero" / name / "step.pt")
     groups = [
         {k: v for k, v in g.items() if k != "params"} | {"params": [i]} for i, g in enumerate(optim["param_groups"])
     ]
@@ -306,8 +296,6 @@ def _make_stage_neutral(work: Path, source_stage: int) -> None:
     )
     torch.save(neutral, work / "zero" / "optimizer_state.pt")
     model_state["module"] = {}
-    for f in model_files:
-        f.unlink()
     for name in MODEL_FILES:
         torch.save(model_state, work / name)
 
