@@ -238,10 +238,12 @@ def fit(t: Training) -> None:
         for batch, epoch_samples in batches:
             # forward, backward and step: DeepSpeed accumulates and steps every grad_accum micro batches
             t.speed.add(batch)
-            output = engine(**model_inputs(batch, task, engine.device))
-            engine.backward(output.loss)
+            inputs = model_inputs(batch, task, engine.device)
+            output = engine(**inputs)
+            loss = task.loss(output, inputs)
+            engine.backward(loss)
             engine.step()
-            add_losses(t.loss, output.loss, task.loss_parts(output, batch))
+            add_losses(t.loss, loss, task.loss_parts(output, batch))
             if engine.global_steps == state.step:
                 continue  # inside gradient accumulation
             state.step = step = engine.global_steps

@@ -7,6 +7,8 @@ stock models, in fp32 with dropout off (mixed lengths, token types, checkpointin
   real positions: stock's own QA loss puts the padded positions into its softmax, so it changes
   with the padding width, and ours does not (test_question_answering_loss_does_not_depend_...);
 - every parameter gradient within 1e-5 relative (of the loss each is compared with);
+- the same with dropout on, from the same seed: on the CPU the unpadded model draws the stock
+  model's dropout masks (test_dropout_draws_the_stock_masks_on_the_cpu);
 - checkpoints and exports that load into the stock classes."""
 
 import json
@@ -64,7 +66,7 @@ def make_batch(config, lengths=LENGTHS, seq=SEQ, seed=0) -> dict:
 
 def stock_and_unpadded(stock_class, name="tiny", checkpointing=False, **overrides):
     torch.manual_seed(0)
-    stock = models.build_model(name, stock_class, **NO_DROPOUT, **overrides)
+    stock = models.build_model(name, stock_class, **{**NO_DROPOUT, **overrides})
     ours = unpadded_class(stock_class, stock.config)(stock.config)
     ours.load_state_dict(stock.state_dict())
     ours.tie_weights()
@@ -290,6 +292,44 @@ def test_pretraining_matches_stock(checkpointing):
     expected.loss.backward()
     got.loss.backward()
     assert_same_gradients(ours, stock)
+
+
+def losses_with_dropout(model, stock_class, batch, seed):
+    """The loss the trainer backpropagates, in train mode from `seed`; for QA stock's formula over real
+    positions (the squad task's loss in both modes)."""
+    torch.manual_seed(seed)
+    if stock_class is BertForQuestionAnswering:
+        positions = {
+            "start_positions": torch.tensor([3, 0, 20, 6, 40]),
+            "end_positions": torch.tensor([5, 0, 22, 6, 9]),
+        }
+        out = model(**batch)
+        real = batch["attention_mask"].bool()
+        return span_loss_over_real_positions(out.start_logits, out.end_logits, real, **positions)
+    if stock_class is BertForPreTraining:
+        return model(**batch, labels=mlm_labels(batch), next_sentence_label=torch.tensor([0, 1, 1, 0, 1])).loss
+    return model(**batch, labels=torch.tensor([0, 1, 1, 0, 1])).loss
+
+
+@pytest.mark.parametrize("stock_class", [BertForQuestionAnswering, BertForPreTraining, BertForSequenceClassification])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dropout_draws_the_stock_masks_on_the_cpu(stock_class, checkpointing):
+    """Dropout 0.1 on the embeddings, every layer's hidden states and attention weights: from the same
+    seed the unpadded model drops what the stock model drops (its masks are drawn over the padded grid),
+    so loss and gradients are equal; another seed gives another loss."""
+    overrides = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "num_labels": 2}
+    stock, ours = stock_and_unpadded(stock_class, checkpointing=checkpointing, **overrides)
+    batch = make_batch(stock.config)
+    expected, got = losses_with_dropout(stock, stock_class, batch, 5), losses_with_dropout(ours, stock_class, batch, 5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.backward()
+    got.backward()
+    assert_same_gradients(ours, stock)
+    with torch.no_grad():
+        other_seed = losses_with_dropout(ours, stock_class, batch, 6)
+        ours.eval()
+        no_dropout = losses_with_dropout(ours, stock_class, batch, 5)
+    assert abs(other_seed - got) > 1e-3 and abs(no_dropout - got) > 1e-3
 
 
 def test_pretraining_without_labels_scores_every_position():

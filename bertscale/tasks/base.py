@@ -138,6 +138,11 @@ class Task:
         return ("labels",)
 
     # --- train/eval hooks --------------------------------------------------------------------
+    def loss(self, output, inputs):
+        """The loss the trainer backpropagates, from the model's output and the inputs it was given
+        (on the device): the model's own loss unless the task defines it otherwise."""
+        return output.loss
+
     def loss_parts(self, output, batch) -> dict:
         """Extra loss components worth logging (mlm_loss, nsp_loss, ...), as floats or detached
         tensors (the trainer converts them when it logs, so GPU steps need not sync)."""

@@ -99,6 +99,21 @@ class SquadTask(Task):
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
         return pad_batch(rows, self.tokenizer.pad_token_id, self.label_names())
 
+    # --- training ----------------------------------------------------------------------------
+    def loss(self, output, inputs):
+        """The span loss with each row's softmax over its real positions, in both --unpad and
+        --no-unpad. Stock BertForQuestionAnswering's softmax also covers the padded positions, so its
+        loss and gradient change with how much padding a batch happens to have, and part of the
+        gradient goes to pushing padded logits down (docs/unpadding.md)."""
+        if self.packing is not None:
+            return output.loss  # the unpadded model's own loss is this one already
+        from ..unpad import PADDING_LOGIT
+        from ..unpad.losses import span_loss
+
+        padded = inputs["attention_mask"] == 0
+        start, end = (logits.masked_fill(padded, PADDING_LOGIT) for logits in (output.start_logits, output.end_logits))
+        return span_loss(start, end, inputs["start_positions"], inputs["end_positions"])
+
     # --- evaluation --------------------------------------------------------------------------
     def eval_examples(self, eval_set: EvalSet) -> int:
         return len(eval_set.examples)  # questions: a long context spans several windows

@@ -143,9 +143,12 @@ def _cpu_rows(query, key, value, packing: Packing, dropout_p, scale):
     if "bounds" not in packing.cache:  # Python ints: free on the CPU, a sync where forced onto CUDA
         cu = packing.cu_seqlens.tolist()
         packing.cache["bounds"] = list(zip(cu[:-1], cu[1:]))
+        # where each row's first real token sits in its padded row: 0 when right-padded
+        firsts = packing.indices.index_select(0, packing.cu_seqlens[:-1].long()).tolist()
+        packing.cache["grid"] = (packing.seq_len, [at - row * packing.seq_len for row, at in enumerate(firsts)])
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    return row_attention(query, key, value, packing.cache["bounds"], dropout_p, scale)
+    return row_attention(query, key, value, packing.cache["bounds"], dropout_p, scale, packing.cache["grid"])
 
 
 _KERNELS = {

@@ -23,30 +23,57 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cp
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), 1 / (1 - p)
 
 
-def row_attention(query, key, value, bounds: list[tuple[int, int]], dropout_p: float, scale: float):
+def row_attention(
+    query,
+    key,
+    value,
+    bounds: list[tuple[int, int]],
+    dropout_p: float,
+    scale: float,
+    grid: tuple[int, list[int]] | None = None,
+):
     """Softmax attention of each packed row [start, end) over itself; q, k, v and the result are
-    [tokens, heads, head_dim]. Softmax in fp32 for fp16/bf16 inputs."""
+    [tokens, heads, head_dim]. Softmax in fp32 for fp16/bf16 inputs.
+
+    With dropout, one keep-mask is drawn over the padded [rows, heads, seq, seq] grid, where `grid`
+    is (seq, the padded batch's width) and, per row, where its real tokens start in its padded row
+    ((longest row, all at 0) when not given). That is the grid the stock model's SDPA draws its mask
+    over, in the same order, and each row reads its own [heads, len, len] block of it: a seeded
+    --unpad run drops the same attention weights as --no-unpad."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return _RowAttention.apply(query, key, value, bounds, dropout_p, scale)
-    return _row_attention_forward(query, key, value, bounds, dropout_p, scale)[0]
+        return _RowAttention.apply(query, key, value, bounds, dropout_p, scale, grid)
+    return _row_attention_forward(query, key, value, bounds, dropout_p, scale, grid)[0]
 
 
-def _row_attention_forward(query, key, value, bounds, dropout_p, scale):
+def _row_masks(query, bounds, dropout_p, grid):
+    """A keep-mask over the padded grid, its scale, and each row's [heads, len, len] block of it."""
+    seq = grid[0] if grid is not None else max(end - start for start, end in bounds)
+    keep, keep_scale = keep_mask((len(bounds), query.shape[1], seq, seq), dropout_p, query.device)
+    return keep, keep_scale, _blocks(keep, bounds, grid)
+
+
+def _blocks(keep, bounds, grid):
+    offsets = grid[1] if grid is not None else [0] * len(bounds)
+    return [
+        keep[row, :, at : at + end - start, at : at + end - start]
+        for row, ((start, end), at) in enumerate(zip(bounds, offsets))
+    ]
+
+
+def _row_attention_forward(query, key, value, bounds, dropout_p, scale, grid):
     # The scales go on the [heads, len, dim] tensors, never on the larger [heads, len, len] ones.
     out = torch.empty_like(query)
-    probs, keeps, keep_scale = [], [], 1.0
-    for start, end in bounds:
+    probs, keep, keep_scale = [], None, 1.0
+    if dropout_p > 0:
+        keep, keep_scale, blocks = _row_masks(query, bounds, dropout_p, grid)
+    for row, (start, end) in enumerate(bounds):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, len, dim]
         p = torch.bmm(q * scale, k.transpose(1, 2)).softmax(-1, dtype=_softmax_dtype(q.dtype))
-        attended = p
-        if dropout_p > 0:
-            keep, keep_scale = keep_mask(p.shape, dropout_p, p.device)
-            attended = torch.where(keep, p, 0)  # where, not mul: mul would first copy the mask to floats
-            keeps.append(keep)
+        attended = p * blocks[row] if dropout_p > 0 else p  # mul reads the bool block as it is (faster than where)
         row_out = torch.bmm(attended.to(v.dtype), v)
         out[start:end] = (row_out.mul_(keep_scale) if dropout_p > 0 else row_out).transpose(0, 1)
         probs.append(p)
-    return out, probs, keeps, keep_scale
+    return out, probs, keep, keep_scale
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,24 +82,26 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _RowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, bounds, dropout_p, scale):
-        out, probs, keeps, keep_scale = _row_attention_forward(query, key, value, bounds, dropout_p, scale)
+    def forward(ctx, query, key, value, bounds, dropout_p, scale, grid):
+        out, probs, keep, keep_scale = _row_attention_forward(query, key, value, bounds, dropout_p, scale, grid)
         # save_for_backward, not attributes: activation checkpointing frees and recomputes only these.
-        ctx.save_for_backward(query, key, value, *probs, *keeps)
-        ctx.bounds, ctx.scale, ctx.keep_scale = bounds, scale, keep_scale
+        ctx.save_for_backward(query, key, value, *probs, *([] if keep is None else [keep]))
+        ctx.bounds, ctx.scale, ctx.keep_scale, ctx.grid = bounds, scale, keep_scale, grid
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, *saved = ctx.saved_tensors
         rows = len(ctx.bounds)
-        probs, keeps = saved[:rows], saved[rows:] or [None] * rows
+        probs = saved[:rows]
+        # the grid's keep-mask, when there is one: each row reads its block as in the forward
+        blocks = _blocks(saved[rows], ctx.bounds, ctx.grid) if len(saved) > rows else [None] * rows
         grads = [torch.empty_like(t) for t in (query, key, value)]
-        for (start, end), p, keep in zip(ctx.bounds, probs, keeps):
+        for (start, end), p, keep in zip(ctx.bounds, probs, blocks):
             q, k, v, g = (t[start:end].transpose(0, 1) for t in (query, key, value, grad_out))
             attended = p
             if keep is not None:
-                attended, g = torch.where(keep, p, 0), g * ctx.keep_scale
+                attended, g = p * keep, g * ctx.keep_scale
             grads[2][start:end] = torch.bmm(attended.transpose(1, 2).to(g.dtype), g).transpose(0, 1)
             d_attended = torch.bmm(g, v.transpose(1, 2)).to(p.dtype)
             if keep is None:
@@ -83,4 +112,4 @@ class _RowAttention(torch.autograd.Function):
             d_scores = d_scores.to(q.dtype)
             grads[0][start:end] = torch.bmm(d_scores, k).mul_(ctx.scale).transpose(0, 1)
             grads[1][start:end] = torch.bmm(d_scores.transpose(1, 2), q).mul_(ctx.scale).transpose(0, 1)
-        return *grads, None, None, None
+        return *grads, None, None, None, None

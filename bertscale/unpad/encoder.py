@@ -3,8 +3,12 @@
 Every submodule with parameters is called as a module (never by reading its .weight), so DeepSpeed
 ZeRO-3's forward hooks gather partitioned parameters as they do for the stock forward. The Linear,
 LayerNorm and GELU modules are shape-agnostic: they take [tokens, hidden] unchanged. What differs:
-self-attention's query/key/value projections feed the varlen kernel (the layers' hidden dropout is
-the stock nn.Dropout modules, on [tokens, hidden]).
+self-attention's query/key/value projections feed the varlen kernel, and the dropouts
+(`packed_dropout`): on the CPU each mask is drawn over the padded grid that the stock model's mask
+covers, in the same order, and the real tokens read their part of it. So on the CPU a seeded run
+draws the same masks with --unpad as with --no-unpad, and the two modes train the same model up to
+the order of float sums. (On CUDA the stock modules run on the packed tokens: the varlen attention
+kernels draw their own masks anyway, and a padded draw would cost what unpadding saves.)
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
+from .cpu_kernels import keep_mask
 from .packing import Packing
 
 
@@ -28,18 +33,45 @@ def encode_packed(
 ) -> torch.Tensor:
     """Last hidden states of the real tokens, [tokens, hidden], of a transformers BertModel."""
     if position_ids is None:  # the stock default: 0..seq-1 in every row, padding or not
-        position_ids = (packing.indices % packing.seq_len)[None]
+        position_ids = packing.indices % packing.seq_len
     else:
-        position_ids = packing.pack(position_ids)[None]
-    hidden = bert.embeddings(
-        input_ids=None if input_ids is None else packing.pack(input_ids)[None],
-        token_type_ids=None if token_type_ids is None else packing.pack(token_type_ids)[None],
+        position_ids = packing.pack(position_ids)
+    hidden = packed_embeddings(
+        bert.embeddings,
+        packing,
+        input_ids=None if input_ids is None else packing.pack(input_ids),
+        token_type_ids=None if token_type_ids is None else packing.pack(token_type_ids),
         position_ids=position_ids,
-        inputs_embeds=None if inputs_embeds is None else packing.pack(inputs_embeds)[None],
-    )[0]
+        inputs_embeds=None if inputs_embeds is None else packing.pack(inputs_embeds),
+    )
     for layer in bert.encoder.layer:
         hidden = run_layer(layer, hidden, packing)
     return hidden
+
+
+def packed_embeddings(embeddings, packing: Packing, input_ids, token_type_ids, position_ids, inputs_embeds):
+    """BertEmbeddings.forward on packed tokens (every argument [tokens] or [tokens, hidden]), with its
+    dropout drawn by packed_dropout."""
+    if inputs_embeds is None:
+        inputs_embeds = embeddings.word_embeddings(input_ids)
+    if token_type_ids is None:  # the stock default: type 0 everywhere
+        token_type_ids = torch.zeros_like(position_ids)
+    hidden = inputs_embeds + embeddings.token_type_embeddings(token_type_ids)
+    hidden = hidden + embeddings.position_embeddings(position_ids)
+    return packed_dropout(embeddings.dropout, embeddings.LayerNorm(hidden), packing)
+
+
+def packed_dropout(dropout: torch.nn.Dropout, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """The stock `dropout` module applied to [tokens, hidden]. On the CPU its mask is drawn over the
+    padded [batch * seq, hidden] grid, as the stock module draws it on the padded batch, and the
+    real tokens' rows are kept: the same mask for the same seed, at the cost of drawing the padding's
+    share too (a few percent with the trainer's length-grouped batches)."""
+    if not dropout.training or dropout.p == 0:
+        return hidden
+    if hidden.device.type != "cpu":
+        return dropout(hidden)
+    keep, scale = keep_mask((packing.batch_size * packing.seq_len, hidden.shape[-1]), dropout.p)
+    return hidden * keep.index_select(0, packing.indices) * scale
 
 
 def run_layer(layer, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -57,8 +89,13 @@ def run_layer(layer, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
 def packed_layer_forward(layer, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """BertLayer.forward on [tokens, hidden]: attention, residual + LayerNorm, feed-forward."""
     context = packed_self_attention(layer.attention.self, hidden, packing)
-    attention_output = layer.attention.output(context, hidden)  # BertSelfOutput: shape-agnostic
-    return layer.output(layer.intermediate(attention_output), attention_output)
+    attention_output = dense_dropout_norm(layer.attention.output, context, hidden, packing)
+    return dense_dropout_norm(layer.output, layer.intermediate(attention_output), attention_output, packing)
+
+
+def dense_dropout_norm(block, hidden: torch.Tensor, residual: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """BertSelfOutput.forward / BertOutput.forward on [tokens, hidden], with packed_dropout."""
+    return block.LayerNorm(packed_dropout(block.dropout, block.dense(hidden), packing) + residual)
 
 
 def packed_self_attention(self_attention, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
