@@ -18,8 +18,9 @@ import sys
 from bertscale import tasks, trainer
 run = tasks.make_run("squad", model="tiny", train_file=sys.argv[1], eval_file=sys.argv[2], output_dir=sys.argv[3],
                      unpad=sys.argv[4] == "unpad", hidden_dropout=0.1, attention_dropout=0.1, seed=3,
-                     max_train_samples=48, max_eval_samples=8, max_steps=8, micro_batch_size=6, max_seq_length=128, doc_stride=32,
-                     group_by_length=False, log_every=1, save_every=0, wandb_mode="disabled")
+                     max_train_samples=48, max_eval_samples=8, max_steps=8, micro_batch_size=6,
+                     max_seq_length=128, doc_stride=32, group_by_length=False, log_every=1, save_every=0,
+                     wandb_mode="disabled")
 trainer.train(run)
 """
 

@@ -4,8 +4,8 @@ variable-length kernels fed with cu_seqlens / max_seqlen.
 
     packing.py    where the real tokens are (Packing), and add_packing / packing_kwargs for collators
     attention.py  varlen attention kernels per device, and which ones apply attention dropout
-    cpu_kernels.py  the CPU ones: attention row by row, dropout with cheaper masks
-    encoder.py    the stock embeddings and layers run on packed tokens
+    cpu_kernels.py  the CPU ones: attention row by row, its dropout mask over the padded grid
+    encoder.py    the stock embeddings and layers run on packed tokens (packed_dropout)
     losses.py     the stock heads' losses
     models.py     Unpadded* heads (subclasses of the stock ones), unpadded_class(), packing_options()
 """
