@@ -36,11 +36,11 @@ def row_attention(
     """Softmax attention of each packed row [start, end) over itself; q, k, v and the result are
     [tokens, heads, head_dim]. Softmax in fp32 for fp16/bf16 inputs.
 
-    With dropout, one keep-mask is drawn over the padded [rows, heads, seq, seq] grid, where `grid`
-    is (seq, the padded batch's width) and, per row, where its real tokens start in its padded row
-    ((longest row, all at 0) when not given). That is the grid the stock model's SDPA draws its mask
-    over, in the same order, and each row reads its own [heads, len, len] block of it: a seeded
-    --unpad run drops the same attention weights as --no-unpad."""
+    With dropout, one keep-mask is drawn over the padded [rows, heads, seq, seq] grid. `grid` is
+    (seq, offsets): the padded batch's width, and where each row's real tokens start in its padded
+    row; (the longest row's length, all 0) when not given. That is the grid the stock model's SDPA
+    draws its mask over, in the same order, and each row reads its own [heads, len, len] block of
+    it: a seeded --unpad run drops the same attention weights as --no-unpad."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return _RowAttention.apply(query, key, value, bounds, dropout_p, scale, grid)
     return _row_attention_forward(query, key, value, bounds, dropout_p, scale, grid)[0]
