@@ -70,11 +70,17 @@ def _row_attention_forward(query, key, value, bounds, dropout_p, scale, grid):
     for row, (start, end) in enumerate(bounds):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, len, dim]
         p = torch.bmm(q * scale, k.transpose(1, 2)).softmax(-1, dtype=_softmax_dtype(q.dtype))
-        attended = p * blocks[row] if dropout_p > 0 else p  # mul reads the bool block as it is (faster than where)
+        attended = _dropped(p, blocks[row]) if dropout_p > 0 else p
         row_out = torch.bmm(attended.to(v.dtype), v)
         out[start:end] = (row_out.mul_(keep_scale) if dropout_p > 0 else row_out).transpose(0, 1)
         probs.append(p)
     return out, probs, keep, keep_scale
+
+
+def _dropped(probs, keep):
+    # mul, though it first copies the bool block to floats: MiniLM's forward + backward at seq 256
+    # (8 rows, one thread) took 1646 ms with it against 1707 ms with torch.where(keep, probs, 0)
+    return probs * keep
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,7 +108,7 @@ class _RowAttention(torch.autograd.Function):
             q, k, v, g = (t[start:end].transpose(0, 1) for t in (query, key, value, grad_out))
             attended = p
             if keep is not None:
-                attended, g = p * keep, g * ctx.keep_scale
+                attended, g = _dropped(p, keep), g * ctx.keep_scale
             grads[2][start:end] = torch.bmm(attended.transpose(1, 2).to(g.dtype), g).transpose(0, 1)
             d_attended = torch.bmm(g, v.transpose(1, 2)).to(p.dtype)
             if keep is None:
