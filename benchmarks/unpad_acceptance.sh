@@ -5,10 +5,10 @@
 #   benchmarks/unpad_acceptance.sh [OUT_DIR]
 #   SEEDS="1 2" benchmarks/unpad_acceptance.sh            # a pair of runs per seed (default: 42)
 #   EXTRA="--hidden-dropout 0 --attention-dropout 0" benchmarks/unpad_acceptance.sh
-# With dropout on, the two modes draw different dropout masks (one over packed tokens, one over the
-# padded grid), so a pair differs as two seeds do; without dropout they compute the same sums in
-# another order, and what is left of a difference is rounding. So with dropout on, one pair says little:
-# with several seeds the script ends with the paired F1 differences, their mean and a 95% interval.
+# On the CPU the unpadded model draws the stock model's dropout masks (over the padded grid) and both
+# modes take the squad loss over real positions, so a pair computes the same sums in another order:
+# what is left of a difference is rounding (docs/unpadding.md). With several seeds the script ends
+# with the paired F1 differences, their mean and a 95% interval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
