@@ -51,6 +51,12 @@ def test_single_node_preset_is_zero1_with_fused_adam_in_16_bits_and_fused_adam_a
     assert (row["optimizer"], row["basic_optimizer"]) == ("FusedAdam", "FusedAdam"), row
 
 
+def test_the_engines_of_a_process_ask_py_cpuinfo_once(engine_steps):
+    """Loading DeepSpeed's CPU fused Adam asks py-cpuinfo for the CPU's flags twice, each time in a
+    new Python process (~1 s); engine.build remembers the answer, so the process spawns it once."""
+    assert {r["cpuinfo_spawns"] for r in engine_steps} == {1}, [r["cpuinfo_spawns"] for r in engine_steps[::12]]
+
+
 def test_fp16_dynamic_loss_scale_backs_off(tmp_path):
     """fp16 with an initial scale of 2^24: the first steps overflow, are skipped, and the scale halves
     each time until steps go through and the loss falls (DeepSpeed's real loss scaler, CPU fixture)."""

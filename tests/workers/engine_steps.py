@@ -10,6 +10,7 @@ combos share one launch because starting 2 ranks costs ~15 s on 2 cores.
 import json
 import sys
 
+import cpuinfo.cpuinfo
 import torch
 from transformers import AutoModelForQuestionAnswering
 
@@ -18,6 +19,11 @@ from bertscale import ds_config
 from bertscale import engine as engines
 from bertscale.args import ModelArgs, OptimArgs
 from bertscale.tasks.base import Task
+
+# py-cpuinfo spawns a Python process for each answer (get_cpu_info -> get_cpu_info_json); count them
+CPUINFO_SPAWNS = []
+_spawn = cpuinfo.cpuinfo.get_cpu_info_json
+cpuinfo.cpuinfo.get_cpu_info_json = lambda: CPUINFO_SPAWNS.append(1) or _spawn()
 
 
 class FixedBatchQA(Task):
@@ -63,6 +69,7 @@ def train(config_name: str, precision: str, steps: int):
                         "optimizer": type(engine.optimizer).__name__,
                         "basic_optimizer": type(engine.basic_optimizer).__name__,
                         "check_grad_overflow": getattr(engine.optimizer, "check_grad_overflow", None),
+                        "cpuinfo_spawns": len(CPUINFO_SPAWNS),
                     }
                 ),
                 flush=True,
