@@ -17,7 +17,10 @@ round-robin into files until the size is reached), then measures:
                the first training step (DeepSpeed's JIT-built CPU ops cached: see main), the two
                ranks' PSS at their peak (each, and summed), and at the first step the RSS and PSS of
                each rank's memory maps of the shards: pages both ranks map count half in each PSS
-It prints a table and what 10 GB would take at the largest size's rate.
+  one rank     at the smallest and the largest size, the same launch with one rank: what a second
+               rank adds to one, and whether the data's growth doubles with two ranks (a copy per
+               rank) or not (--no-one-rank skips it); both launches run without loader workers
+It prints a table, what 10 GB would take at the largest size's rate, and the one-rank comparison.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class TreeMemory:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_total = 0
+        self.peak_ranks = 0  # of the sum over the processes launched as ranks (--local_rank)
         self.peak_by_pid: dict[int, tuple[int, str]] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -92,7 +96,7 @@ class TreeMemory:
         import psutil
 
         while self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE:
-            total = 0
+            total = ranks = 0
             try:
                 tree = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
@@ -104,9 +108,11 @@ class TreeMemory:
                 except psutil.Error:
                     continue
                 total += pss
+                ranks += pss if "--local_rank" in cmd else 0
                 if pss > self.peak_by_pid.get(proc.pid, (0, ""))[0]:
                     self.peak_by_pid[proc.pid] = (pss, cmd)
             self.peak_total = max(self.peak_total, total)
+            self.peak_ranks = max(self.peak_ranks, ranks)
             time.sleep(self.interval)
 
     def stop(self) -> None:
@@ -184,9 +190,9 @@ def mapped_memory(pid: int, folder: Path) -> tuple[int, int]:
     return rss, pss
 
 
-def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5) -> dict:
-    """Launch 2 ranks on the prepared corpus; seconds until the first step, the ranks' peak PSS, and
-    how much of the shards they have mapped at the first step (RSS) and what that costs them (PSS)."""
+def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5, ranks: int = 2) -> dict:
+    """Launch `ranks` ranks on the prepared corpus; seconds until the first step, the ranks' peak PSS,
+    and how much of the shards they have mapped at the first step (RSS) and what that costs them (PSS)."""
     import psutil
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
@@ -194,7 +200,7 @@ def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5)
     cmd = [
         str(deepspeed),
         "--num_gpus",
-        "2",
+        str(ranks),
         "--master_port",
         str(29500 + os.getpid() % 1000),
         "bertscale/cli.py",
@@ -217,6 +223,8 @@ def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5)
         "64",
         "--ds-config",
         "zero2",
+        "--dataloader-workers",
+        "0",  # one rank alone would otherwise get a loader worker that two ranks on 2 cores do not
         "--wandb-mode",
         "disabled",
         "--output-dir",
@@ -232,22 +240,59 @@ def first_step(prepared: Path, model: str, seq: int, work: Path, steps: int = 5)
         lines.append(line)
         if first is None and "[bertscale] step 1/" in line:
             first = time.perf_counter() - started
-            ranks = [
+            procs = [
                 p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())
             ]
-            shards = [mapped_memory(p.pid, prepared) for p in ranks]
+            shards = [mapped_memory(p.pid, prepared) for p in procs]
     proc.wait()
     memory.stop()
     if proc.returncode != 0 or first is None:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{''.join(lines[-40:])}")
-    ranks = sorted(pss for pss, cmd in memory.peak_by_pid.values() if "--local_rank" in cmd)
+    peaks = sorted(pss for pss, cmd in memory.peak_by_pid.values() if "--local_rank" in cmd)
+    assert len(peaks) == ranks, peaks
     return {
         "first_step_s": first,
-        "rank_pss": ranks,
-        "ranks_sum": sum(ranks),
+        "rank_pss": peaks,
+        "ranks_sum": memory.peak_ranks,  # the peak of the sum (each rank's own peak may come at another time)
         "shards_rss": [r for r, _ in shards],
         "shards_pss": [p for _, p in shards],
     }
+
+
+def model_state_bytes(model: str) -> int:
+    """What one rank holds for the model in fp32 with Adam: weights, gradients and two moments
+    (16 bytes a parameter; ZeRO-2 splits part of it across ranks, so this is the most a rank holds)."""
+    from transformers import BertForPreTraining
+
+    from bertscale import models
+
+    return 16 * sum(p.numel() for p in BertForPreTraining(models.load_config(model)).parameters())
+
+
+def second_rank_report(results: list[dict], model: str) -> None:
+    """What a second rank adds to one, at the smallest and the largest corpus, and how much of the
+    data's growth it adds: 1.0x the one rank's growth means no copy of the data per rank."""
+    rows = [r for r in results if "one_rank_pss" in r]
+    if not rows:
+        return
+    model_mb = model_state_bytes(model) / MB
+    print(f"\none rank alone against two ranks (peak PSS, MB); the model's fp32 + Adam state: {model_mb:.1f} MB")
+    for r in rows:
+        one, two = r["one_rank_pss"] / MB, r["ranks_sum"] / MB
+        print(
+            f"  {r['mb']:.0f} MB of text: one rank {one:.0f}, two ranks {two:.0f} ({two / one:.2f}x); the second "
+            f"rank adds {two - one:.0f}; 1.3x one rank + the model = {1.3 * one + model_mb:.0f}: "
+            + ("holds" if two <= 1.3 * one + model_mb else "does not hold")
+        )
+    if len(rows) > 1:
+        small, big = rows[0], rows[-1]
+        grow_one = (big["one_rank_pss"] - small["one_rank_pss"]) / MB
+        grow_two = (big["ranks_sum"] - small["ranks_sum"]) / MB
+        print(
+            f"  from {small['mb']:.0f} to {big['mb']:.0f} MB of text: one rank grows by {grow_one:.0f} MB, two ranks "
+            f"together by {grow_two:.0f} MB (2.0x would be a copy of the data per rank)"
+            + (f": {grow_two / grow_one:.2f}x" if grow_one > 0 else "")
+        )
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -259,6 +304,11 @@ def main(argv=None):
     ap.add_argument("--max-seq-length", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2, help="Prepare each size this many times (alternating).")
     ap.add_argument("--no-train", action="store_true", help="Skip the 2-rank first-step measurement.")
+    ap.add_argument(
+        "--no-one-rank",
+        action="store_true",
+        help="Skip launching one rank alone at the smallest and largest size (what a second rank adds).",
+    )
     ap.add_argument("--no-warmup", action="store_true", help="Do not launch once before timing the first step.")
     ap.add_argument("--work-dir", default=None, help="Where corpora and prepared data go (default: a temp dir).")
     ap.add_argument("--json", default=None, help="Also write the results here.")
@@ -289,6 +339,9 @@ def main(argv=None):
                 if i == 0 and not args.no_warmup:
                     first_step(prepared, args.model, args.max_seq_length, work, steps=1)
                 row.update(first_step(prepared, args.model, args.max_seq_length, work))
+                if not args.no_one_rank and i in (0, len(corpora) - 1):
+                    alone = first_step(prepared, args.model, args.max_seq_length, work, ranks=1)
+                    row.update(one_rank_pss=alone["ranks_sum"], one_rank_first_step_s=alone["first_step_s"])
             results.append(row)
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             shutil.rmtree(corpus)
@@ -333,6 +386,7 @@ def main(argv=None):
         f"{big['disk'] / big['mb'] * 10240 / 2**30:.1f} GB on disk, peak memory as at {big['mb']:.0f} MB "
         f"({big['peak_pss'] / MB:.0f} MB)"
     )
+    second_rank_report(results, args.model)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
