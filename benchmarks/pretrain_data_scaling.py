@@ -15,8 +15,9 @@ round-robin into files until the size is reached), then measures:
   on disk      bytes of the prepared directory
   first step   seconds from launching `deepspeed --num_gpus 2 ... pretrain` on the prepared corpus to
                the first training step (DeepSpeed's JIT-built CPU ops cached: see main), the two
-               ranks' PSS at their peak (each, and summed), and at the first step the RSS and PSS of
-               each rank's memory maps of the shards: pages both ranks map count half in each PSS
+               ranks' PSS at their peak (each, and the peak of their sum), and at the first step the
+               RSS and PSS of each rank's memory maps of the shards: pages both ranks map count half
+               in each PSS
   one rank     at the smallest and the largest size, the same launch with one rank: what a second
                rank adds to one, and whether the data's growth doubles with two ranks (a copy per
                rank) or not (--no-one-rank skips it); both launches run without loader workers

@@ -80,7 +80,7 @@ def setup(local_rank_flag: int | None = None) -> None:
     if backend not in ("nccl", "gloo", "hccl", "xccl"):
         backend = "gloo"  # the CPU accelerator says 'ccl' when oneCCL is absent; gloo always works
     timeout = datetime.timedelta(seconds=int(os.environ.get("BERTSCALE_DIST_TIMEOUT", "600")))
-    op_builds.announce()  # a first run builds DeepSpeed's ops, silently otherwise
+    op_builds.install(first_local_rank=local_rank() == 0)  # before DeepSpeed loads its first op
     with console.quiet_output():  # DeepSpeed prints that it built its shared-memory op, on every rank
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     console.after_import()

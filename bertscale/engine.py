@@ -3,8 +3,6 @@ unpadded execution (unpad/), activation checkpointing, optimizer parameter group
 
 from __future__ import annotations
 
-import copy
-import functools
 import sys
 
 from . import distributed as dist
@@ -120,31 +118,10 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ask_cpuinfo_once() -> None:
-    """Remember py-cpuinfo's answer for the life of the process. DeepSpeed's CPU optimizer ops (fused
-    Adam on CPU, CPU Adam for offload) ask for the CPU's flags two or three times as they load, and
-    each answer spawns a fresh Python process: about 1 s each on a small machine, for a fact that
-    cannot change. Callers get a copy, so none can alter what the next one reads."""
-    try:
-        import cpuinfo
-    except ImportError:  # DeepSpeed then reads lscpu itself
-        return
-    if getattr(cpuinfo.get_cpu_info, "asked_once", False):
-        return
-    answer = functools.cache(cpuinfo.get_cpu_info)
-
-    def get_cpu_info() -> dict:
-        return copy.deepcopy(answer())
-
-    get_cpu_info.asked_once = True
-    cpuinfo.get_cpu_info = get_cpu_info
-
-
 def build(model_args, weight_decay: float, task, cfg: dict):
     """A DeepSpeed engine for the task's model with the resolved config `cfg`."""
     import deepspeed
 
-    ask_cpuinfo_once()
     model = build_model(model_args, task, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=cfg)
     log_attention_kernel(engine.module, engine.device, ds_config.precision_of(cfg))

@@ -53,7 +53,7 @@ def test_single_node_preset_is_zero1_with_fused_adam_in_16_bits_and_fused_adam_a
 
 def test_the_engines_of_a_process_ask_py_cpuinfo_once(engine_steps):
     """Loading DeepSpeed's CPU fused Adam asks py-cpuinfo for the CPU's flags twice, each time in a
-    new Python process (~1 s); engine.build remembers the answer, so the process spawns it once."""
+    new Python process (~1 s); op_builds (from dist.setup) keeps the answer, so the process spawns it once."""
     assert {r["cpuinfo_spawns"] for r in engine_steps} == {1}, [r["cpuinfo_spawns"] for r in engine_steps[::12]]
 
 
